@@ -1,0 +1,1 @@
+"""avs_jax: Audio-Visual Segmentation (Zhou et al., ECCV 2022) in JAX/Flax."""
