@@ -1,0 +1,139 @@
+"""The AVS model: encoder -> ASPP per stage -> TPAVI -> progressive decoder.
+
+One clip of T frames is `[B, T, H, W, 3]` with audio embeddings `[B, T, 128]`.
+Module names mirror the reference `Pred_endecoder` so checkpoints convert by
+name (see `avs_jax.convert`).
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from avs_jax.models import pvt
+from avs_jax.models.layers import Dtype, conv, upsample2x
+from avs_jax.models.resnet import ResNet50
+from avs_jax.models.tpavi import TPAVI
+
+DILATIONS = (3, 6, 12, 18)
+
+
+class ASPP(nn.Module):
+  """The reference's `Classifier_Module`: sum of 4 dilated 3x3 convs."""
+  channels: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return sum(conv(self.channels, 3, 1, d, d, dtype=self.dtype,
+                    name=f'conv2d_list_{i}')(x)
+               for i, d in enumerate(DILATIONS))
+
+
+class ResidualConvUnit(nn.Module):
+  """`conv2(relu(conv1(relu(x)))) + relu(x)`: the reference's ReLU is in place."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    x = nn.relu(x)
+    y = conv(c, 3, 1, 1, dtype=self.dtype, name='conv1')(x)
+    y = conv(c, 3, 1, 1, dtype=self.dtype, name='conv2')(nn.relu(y))
+    return y + x
+
+
+class FeatureFusionBlock(nn.Module):
+  """`up2x(rcu2(x + rcu1(skip)))`, bilinear with align_corners=True."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, skip=None):
+    rcu1 = ResidualConvUnit(self.dtype, name='resConfUnit1')
+    if skip is not None:
+      x = x + rcu1(skip)
+    elif self.is_initializing():
+      rcu1(x)  # path4's is never used, but it is in every checkpoint.
+    x = ResidualConvUnit(self.dtype, name='resConfUnit2')(x)
+    return upsample2x(x, align_corners=True)
+
+
+class AVSModel(nn.Module):
+  """Audio-visual segmentation.
+
+  Attributes mirror the config's `model` section. `__call__(frames
+  [B, T, H, W, 3], audio [B, T, 128], train)` returns a dict with `logits`
+  `[B, T, H, W]` (float32), `visual_maps` (4 x `[B, T, h, w, C]`, the fused
+  maps after the decoder's in-place ReLU, what the AVM loss consumes) and
+  `audio_features` (4 x `[B, T, C]` or None, audio after each TPAVI's
+  `align_channel`).
+  """
+  backbone: str = 'resnet50'
+  channels: int = 256
+  tpavi_stages: Sequence[int] = (0, 1, 2, 3)
+  tpavi_mode: str = 'dot'
+  tpavi_vv: bool = False
+  tpavi_va: bool = True
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, frames, audio=None, train: bool = False):
+    b, t, h, w, _ = frames.shape
+    if h % 32 or w % 32:
+      raise ValueError(f'frame size must be a multiple of 32, got {h}x{w}')
+    if self.tpavi_stages and not (self.tpavi_vv or self.tpavi_va):
+      raise ValueError('tpavi_stages is set but both tpavi_vv and tpavi_va '
+                       'are False: enable at least one')
+    if self.tpavi_va and self.tpavi_stages and audio is None:
+      raise ValueError('tpavi_va needs audio embeddings [B, T, 128]')
+
+    x = frames.reshape(b * t, h, w, 3).astype(self.dtype)
+    if self.backbone == 'resnet50':
+      feats = ResNet50(train, self.dtype, name='resnet')(x)
+    elif self.backbone in pvt.SPECS:
+      feats = pvt.PVTv2(pvt.SPECS[self.backbone], train, self.remat,
+                        self.dtype, name='encoder_backbone')(x)
+    else:
+      raise ValueError(f'unknown backbone {self.backbone!r}; choose resnet50 '
+                       f'or one of {sorted(pvt.SPECS)}')
+
+    maps = [ASPP(self.channels, self.dtype, name=f'conv{i + 1}')(f)
+            for i, f in enumerate(feats)]
+    maps = [m.reshape((b, t) + m.shape[1:]) for m in maps]
+    audio_features = [None] * 4
+    for i in self.tpavi_stages:
+      block = TPAVI(self.tpavi_mode, train, self.dtype, name=f'tpavi_b{i + 1}')
+      outs = []
+      if self.tpavi_vv:
+        outs.append(block(maps[i])[0])
+      if self.tpavi_va:
+        z, audio_features[i] = block(maps[i], audio)
+        outs.append(z)
+      maps[i] = sum(outs) / len(outs)
+
+    # The decoder's in-place ReLU rewrites every fused map: keep that view.
+    maps = [nn.relu(m) for m in maps]
+    flat = [m.reshape((b * t,) + m.shape[2:]) for m in maps]
+    y = FeatureFusionBlock(self.dtype, name='path4')(flat[3])
+    y = FeatureFusionBlock(self.dtype, name='path3')(y, flat[2])
+    y = FeatureFusionBlock(self.dtype, name='path2')(y, flat[1])
+    y = FeatureFusionBlock(self.dtype, name='path1')(y, flat[0])
+
+    y = conv(128, 3, 1, 1, dtype=self.dtype, name='output_conv_0')(y)
+    y = upsample2x(y, align_corners=False)
+    y = nn.relu(conv(32, 3, 1, 1, dtype=self.dtype, name='output_conv_2')(y))
+    y = conv(1, 1, dtype=self.dtype, name='output_conv_4')(y)
+    logits = y.reshape(b, t, h, w).astype(jnp.float32)
+    return {'logits': logits, 'visual_maps': maps,
+            'audio_features': audio_features}
+
+
+def build_model(model_config, *, dtype=jnp.float32, remat=False) -> AVSModel:
+  """The AVS model from a config's `model` section (an `ml_collections` dict)."""
+  return AVSModel(backbone=model_config.backbone,
+                  channels=model_config.channels,
+                  tpavi_stages=tuple(model_config.tpavi_stages),
+                  tpavi_mode=model_config.tpavi_mode,
+                  tpavi_vv=model_config.tpavi_vv,
+                  tpavi_va=model_config.tpavi_va,
+                  remat=remat, dtype=dtype)

@@ -1,0 +1,132 @@
+"""Layers shared by the encoders and the AVS head, with PyTorch semantics.
+
+Everything is NHWC. Parameter names mirror the PyTorch modules they replace,
+so that `avs_jax.convert` can map checkpoints by name.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch's semantics: momentum 0.1, eps 1e-5.
+
+  In training it normalises with the biased batch variance and updates the
+  running variance with the unbiased one, as `torch.nn.BatchNorm*d` does.
+  Statistics are reduced over every axis but the last, in float32.
+  """
+  use_running_average: bool = True
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if not self.is_initializing():
+        n = np.prod([x.shape[a] for a in axes])
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean
+        ra_var.value = (1 - m) * ra_var.value + m * unbiased
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+    return y.astype(self.dtype)
+
+
+class Conv1x1(nn.Module):
+  """A PyTorch 1x1(x1) convolution as a matmul over the channel axis.
+
+  The kernel keeps the PyTorch conv rank (`[1]*ndim + [I, O]`) so checkpoints
+  convert by name; the computation is an einsum, which XLA maps to a GEMM.
+  """
+  features: int
+  spatial_dims: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (1,) * self.spatial_dims + (x.shape[-1], self.features)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), shape,
+                        jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,),
+                      jnp.float32)
+    kernel = kernel.reshape(shape[-2:]).astype(self.dtype)
+    y = jnp.einsum('...i,io->...o', x.astype(self.dtype), kernel)
+    return y + bias.astype(self.dtype)
+
+
+def conv(features, kernel, stride=1, padding=0, dilation=1, use_bias=True,
+         groups=1, dtype=jnp.float32, name=None):
+  """`nn.Conv` configured like `torch.nn.Conv2d` (symmetric explicit padding)."""
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=[(padding, padding)] * 2,
+                 kernel_dilation=(dilation, dilation), use_bias=use_bias,
+                 feature_group_count=groups, dtype=dtype,
+                 param_dtype=jnp.float32, name=name)
+
+
+def _interp_matrix(n_in, n_out, align_corners):
+  """[n_out, n_in] bilinear interpolation weights, PyTorch's convention."""
+  out = np.arange(n_out, dtype=np.float64)
+  if align_corners:
+    src = out * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros_like(out)
+  else:
+    src = np.maximum((out + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = src - lo
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), hi), frac)
+  return m.astype(np.float32)
+
+
+def resize_bilinear(x, size: Sequence[int], align_corners: bool):
+  """Bilinear resize of `[..., H, W, C]` to `size`, as `F.interpolate`.
+
+  Separable: two small matmuls with constant interpolation matrices, which is
+  exact, differentiable and fast on accelerators.
+  """
+  h, w = x.shape[-3], x.shape[-2]
+  mh = jnp.asarray(_interp_matrix(h, size[0], align_corners), x.dtype)
+  mw = jnp.asarray(_interp_matrix(w, size[1], align_corners), x.dtype)
+  hp = jax.lax.Precision.HIGHEST
+  x = jnp.einsum('oh,...hwc->...owc', mh, x, precision=hp)
+  return jnp.einsum('pw,...owc->...opc', mw, x, precision=hp)
+
+
+def upsample2x(x, align_corners: bool):
+  """`F.interpolate(scale_factor=2, mode='bilinear')` on `[N, H, W, C]`."""
+  return resize_bilinear(x, (2 * x.shape[-3], 2 * x.shape[-2]), align_corners)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per sample (timm's DropPath); rng stream 'dropout'."""
+  rate: float
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    rng = self.make_rng('dropout')
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
