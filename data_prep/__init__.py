@@ -1,0 +1,1 @@
+"""Data preparation: synthetic AVSBench and AVSBench -> TFDS TFRecord shards."""

@@ -1,0 +1,383 @@
+r"""Synthetic AVSBench: clips in the AVSBench-object layout, solvable only with audio.
+
+Every clip shows 2-4 objects of distinct classes on a textured background,
+drifting a few pixels per frame. Each class has a look (colour, shape,
+texture) and a sound (a signature in its own band of the VGGish mel range:
+chord, pulses, noise band, chirps). Only some objects sound; the silent ones
+stay visible, so the mask cannot be found without the audio.
+
+- Single-source (S4): one object sounds for the whole clip; its class is the
+  clip's category.
+- Multi-sources (MS3): the sounding set changes per second: none (empty mask),
+  one, or two objects.
+
+"Second" t of a clip is the t-th VGGish example window, [0.96 t, 0.96 (t+1))
+seconds (the last one runs to 5 s), so the log-mel example t describes exactly
+mask t. Masks are the union of the objects sounding in that second. Audio is
+5 s, 16 kHz, mono int16. Splits are 70/15/15; output is deterministic per seed.
+
+  python -m data_prep.synthetic --out /tmp/avsbench_synth --clips 300 \
+      --seed 0 --size 96
+"""
+import argparse
+import csv
+import dataclasses
+import functools
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+import soundfile
+import tqdm
+
+SAMPLE_RATE = 16000
+NUM_FRAMES = 5
+NUM_SAMPLES = 5 * SAMPLE_RATE
+SEGMENT_SECONDS = 0.96  # VGGish example hop: example t <-> frame t.
+SPLITS = ('train', 'val', 'test')
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthClass:
+  """One object class: how it looks and how it sounds."""
+  name: str
+  color: tuple  # RGB uint8
+  shape: str    # circle|square|triangle|diamond|ring|plus|hexagon|cross
+  texture: str  # solid|stripes|checker
+  sound: str    # chord|pulses|noise|chirp
+  band: tuple   # (low Hz, high Hz), disjoint between classes
+
+
+def _mel_bands(num, lo=125.0, hi=7500.0, keep=0.6):
+  """`num` disjoint bands: the central `keep` of equal slices of the mel range."""
+  mel = lambda f: 1127.0 * np.log1p(f / 700.0)
+  hz = lambda m: 700.0 * np.expm1(m / 1127.0)
+  edges = np.linspace(mel(lo), mel(hi), num + 1)
+  width = np.diff(edges)
+  return [(float(hz(e + w * (1 - keep) / 2)), float(hz(e + w * (1 + keep) / 2)))
+          for e, w in zip(edges[:-1], width)]
+
+
+_LOOKS = (  # name, colour, shape, texture, sound
+    ('red_circle', (225, 35, 35), 'circle', 'solid', 'chord'),
+    ('green_square', (40, 205, 60), 'square', 'solid', 'pulses'),
+    ('blue_triangle', (45, 85, 235), 'triangle', 'solid', 'noise'),
+    ('yellow_diamond', (245, 225, 35), 'diamond', 'solid', 'chirp'),
+    ('magenta_ring', (225, 45, 225), 'ring', 'solid', 'chord'),
+    ('cyan_plus', (35, 225, 235), 'plus', 'solid', 'pulses'),
+    ('orange_hexagon', (250, 140, 15), 'hexagon', 'stripes', 'chirp'),
+    ('white_cross', (245, 245, 245), 'cross', 'checker', 'noise'),
+)
+CLASSES = tuple(SynthClass(*look, band=band)
+                for look, band in zip(_LOOKS, _mel_bands(len(_LOOKS))))
+CLASS_BY_NAME = {c.name: c for c in CLASSES}
+
+
+# ----------------------------------------------------------------------------
+# Pictures.
+
+def shape_mask(shape, u, v):
+  """Inside-test of a unit-radius shape at coordinates `u, v` (any shape)."""
+  au, av, r2 = np.abs(u), np.abs(v), u * u + v * v
+  if shape == 'circle':
+    return r2 <= 1.0
+  if shape == 'square':
+    return np.maximum(au, av) <= 0.82
+  if shape == 'triangle':  # apex up (image v grows downwards)
+    return (v <= 0.75) & (au <= (v + 0.95) * 0.55)
+  if shape == 'diamond':
+    return au + av <= 1.0
+  if shape == 'ring':
+    return (r2 <= 1.0) & (r2 >= 0.5 ** 2)
+  if shape == 'plus':
+    return ((au <= 0.32) & (av <= 0.95)) | ((av <= 0.32) & (au <= 0.95))
+  if shape == 'hexagon':
+    return (av <= 0.85) & (au + 0.577 * av <= 0.98)
+  if shape == 'cross':
+    return (r2 <= 1.0) & ((np.abs(u - v) <= 0.45) | (np.abs(u + v) <= 0.45))
+  raise ValueError(f'unknown shape {shape!r}')
+
+
+def _texture(cls, u, v):
+  """RGB float [..., 3] of class `cls` at coordinates `u, v`."""
+  color = np.asarray(cls.color, np.float32)
+  if cls.texture == 'stripes':
+    dark = (np.floor((u + 1) * 2.5) % 2).astype(bool)
+  elif cls.texture == 'checker':
+    dark = ((np.floor(u * 2.5) + np.floor(v * 2.5)) % 2).astype(bool)
+  else:
+    dark = np.zeros(u.shape, bool)
+  return np.where(dark[..., None], color * 0.45, color)
+
+
+@dataclasses.dataclass
+class _Object:
+  cls: SynthClass
+  radius: float
+  center: np.ndarray    # [2] (y, x) at frame 0, pixels
+  velocity: np.ndarray  # [2] pixels per frame
+
+  def at(self, t):
+    return self.center + t * self.velocity
+
+
+def _place_objects(rng, classes, size):
+  """Non-overlapping drifting objects that stay inside the frame all 5 frames."""
+  objects = []
+  times = np.arange(NUM_FRAMES)[:, None]
+  for cls in classes:
+    radius = size * rng.uniform(0.11, 0.15)
+    for attempt in range(1000):
+      if attempt and attempt % 100 == 0:
+        radius *= 0.9
+      velocity = size * rng.uniform(-0.02, 0.02, 2)
+      center = rng.uniform(radius + 1, size - radius - 1, 2)
+      path = center + times * velocity
+      if np.any(path < radius + 1) or np.any(path > size - radius - 1):
+        continue
+      if all(np.min(np.linalg.norm(path - (o.center + times * o.velocity), axis=1))
+             >= 1.1 * (radius + o.radius) + 1 for o in objects):
+        objects.append(_Object(cls, radius, center, velocity))
+        break
+  return objects
+
+
+def _background(rng, size):
+  """Smooth muted colour field, float32 [size, size, 3] in [25, 150]."""
+  grey = rng.uniform(40, 120, (4, 4, 1))
+  tint = rng.uniform(-18, 18, (4, 4, 3))
+  coarse = np.clip(grey + tint, 25, 150).astype(np.uint8)
+  field = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+  return np.asarray(field, np.float32)
+
+
+def render_clip(rng, objects, size):
+  """Five frames uint8 [5, S, S, 3] and object masks bool [5, K, S, S]."""
+  background = _background(rng, size)
+  grid = np.arange(size, dtype=np.float32) + 0.5
+  frames = np.empty((NUM_FRAMES, size, size, 3), np.uint8)
+  masks = np.zeros((NUM_FRAMES, len(objects), size, size), bool)
+  for t in range(NUM_FRAMES):
+    img = background.copy()
+    for k, obj in enumerate(objects):
+      cy, cx = obj.at(t)
+      u = (grid[None, :] - cx) / obj.radius
+      v = (grid[:, None] - cy) / obj.radius
+      inside = shape_mask(obj.cls.shape, u, v)
+      masks[t, k] = inside
+      img[inside] = _texture(obj.cls, np.broadcast_to(u, inside.shape)[inside],
+                             np.broadcast_to(v, inside.shape)[inside])
+    img += rng.normal(0.0, 6.0, img.shape).astype(np.float32)
+    frames[t] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+  return frames, masks
+
+
+# ----------------------------------------------------------------------------
+# Sounds.
+
+def _band_noise(rng, lo, hi, n):
+  spec = np.fft.rfft(rng.standard_normal(n))
+  freqs = np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE)
+  spec[(freqs < lo) | (freqs > hi)] = 0.0
+  return np.fft.irfft(spec, n)
+
+
+def class_sound(rng, cls, n=NUM_SAMPLES):
+  """`n` samples of the class signature, float64, RMS 1."""
+  lo, hi = cls.band
+  t = np.arange(n) / SAMPLE_RATE
+  if cls.sound == 'chord':  # three steady partials spread over the band
+    freqs = lo * (hi / lo) ** ((np.arange(3) + 0.5) / 3)
+    phases = rng.uniform(0, 2 * np.pi, 3)
+    x = sum(a * np.sin(2 * np.pi * f * t + p)
+            for a, f, p in zip((1.0, 0.7, 0.5), freqs, phases))
+  elif cls.sound == 'noise':  # steady noise band
+    x = _band_noise(rng, lo, hi, n)
+  elif cls.sound == 'pulses':  # noise band gated at 5 Hz
+    gate = ((t * 5.0 + rng.uniform()) % 1.0) < 0.5
+    x = _band_noise(rng, lo, hi, n) * _smooth(gate.astype(np.float64), 80)
+  elif cls.sound == 'chirp':  # log sweeps low -> high, 4 per second
+    frac = (t * 4.0 + rng.uniform()) % 1.0
+    freq = lo * (hi / lo) ** frac
+    x = np.sin(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE)
+  else:
+    raise ValueError(f'unknown sound {cls.sound!r}')
+  return x / (np.sqrt(np.mean(x * x)) + 1e-12)
+
+
+def _smooth(x, width):
+  """Moving average over `width` samples: linear ramps instead of clicks."""
+  c = np.cumsum(np.pad(x, (width // 2, width - width // 2)))
+  return (c[width:] - c[:-width]) / width
+
+
+def segment_of_sample(n=NUM_SAMPLES):
+  """int [n]: which second (VGGish example window, 0..4) each sample is in."""
+  return np.minimum(np.arange(n) // round(SEGMENT_SECONDS * SAMPLE_RATE),
+                    NUM_FRAMES - 1)
+
+
+def mix_audio(rng, objects, sounding):
+  """int16 [80000]: the sounding objects' sounds, second by second.
+
+  `sounding`: per second, a set of indices into `objects`.
+  """
+  seg = segment_of_sample()
+  mix = 3e-4 * rng.standard_normal(NUM_SAMPLES)
+  for k, obj in enumerate(objects):
+    on = np.array([k in s for s in sounding])
+    if not on.any():
+      continue
+    gain = 0.1 * rng.uniform(0.7, 1.0)
+    mix += gain * _smooth(on[seg].astype(np.float64), 160) * class_sound(rng, obj.cls)
+  return np.round(np.clip(mix, -1, 1) * 32767).astype(np.int16)
+
+
+# ----------------------------------------------------------------------------
+# Clips and layout.
+
+def sounding_schedule(rng, num_objects, setting):
+  """Per second, the set of sounding object indices."""
+  if setting == 's4':
+    return [{int(rng.integers(num_objects))}] * NUM_FRAMES
+  schedule = []
+  for _ in range(NUM_FRAMES):
+    count = min(int(rng.choice(3, p=(0.15, 0.5, 0.35))), num_objects)
+    schedule.append(set(rng.choice(num_objects, count, replace=False).tolist()))
+  return schedule
+
+
+def make_clip(seed, setting, index, size):
+  """One clip: dict of frames, masks (union of sounding objects), audio, info."""
+  rng = np.random.default_rng([seed, {'s4': 4, 'ms3': 3}[setting], index])
+  num = int(rng.integers(2, 5))
+  classes = [CLASSES[i] for i in rng.choice(len(CLASSES), num, replace=False)]
+  objects = _place_objects(rng, classes, size)
+  frames, object_masks = render_clip(rng, objects, size)
+  sounding = sounding_schedule(rng, len(objects), setting)
+  masks = np.stack([object_masks[t, sorted(s)].any(axis=0) if s else
+                    np.zeros((size, size), bool) for t, s in enumerate(sounding)])
+  return dict(
+      frames=frames, masks=masks, audio=mix_audio(rng, objects, sounding),
+      objects=[o.cls.name for o in objects],
+      sounding=[sorted(objects[k].cls.name for k in s) for s in sounding])
+
+
+def split_of(index, num_clips):
+  """70/15/15 split by clip index (every split non-empty when num_clips >= 3)."""
+  num_val = max(1, round(0.15 * num_clips))
+  num_train = num_clips - 2 * num_val
+  if index < num_train:
+    return 'train'
+  return 'val' if index < num_train + num_val else 'test'
+
+
+def _save_png(path, array, **kw):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path, compress_level=1, **kw)
+
+
+def _palette_mask(mask):
+  """Palette ('P') PNG image: index 0 black, 1 white, as MS3 masks are stored."""
+  img = Image.fromarray(mask.astype(np.uint8), mode='P')
+  img.putpalette([0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254)
+  return img
+
+
+def write_clip(root, seed, setting, index, num_clips, size):
+  """Writes clip `index` of `setting`; returns (setting, its CSV row)."""
+  clip = make_clip(seed, setting, index, size)
+  split = split_of(index, num_clips)
+  name = f'{setting}_{index:05d}'
+  if setting == 's4':
+    category = clip['sounding'][0][0]
+    base = os.path.join(root, 'Single-source', 's4_data')
+    frame_dir = os.path.join(base, 'visual_frames', split, category, name)
+    frame_file = lambda i: os.path.join(frame_dir, f'{name}_{i}.png')
+    wav = os.path.join(base, 'audio_wav', split, category, name + '.wav')
+    mask_dir = os.path.join(base, 'gt_masks', split, category, name)
+    num_masks = 1 if split == 'train' else NUM_FRAMES
+    row = dict(name=name, start_time=0, category=category, split=split)
+  else:
+    base = os.path.join(root, 'Multi-sources', 'ms3_data')
+    frame_dir = os.path.join(base, 'visual_frames', name)
+    frame_file = lambda i: os.path.join(frame_dir, f'{name}.mp4_{i}.png')
+    wav = os.path.join(base, 'audio_wav', split, name + '.wav')
+    mask_dir = os.path.join(base, 'gt_masks', split, name)
+    num_masks = NUM_FRAMES
+    row = dict(video_id=name, split=split)
+  for i in range(NUM_FRAMES):
+    _save_png(frame_file(i + 1), clip['frames'][i])
+  for i in range(num_masks):
+    path = os.path.join(mask_dir, f'{name}_{i + 1}.png')
+    if setting == 's4':  # 0/255 grayscale
+      _save_png(path, clip['masks'][i].astype(np.uint8) * 255)
+    else:
+      os.makedirs(mask_dir, exist_ok=True)
+      _palette_mask(clip['masks'][i]).save(path, compress_level=1)
+  os.makedirs(os.path.dirname(wav), exist_ok=True)
+  soundfile.write(wav, clip['audio'], SAMPLE_RATE, subtype='PCM_16')
+  row['objects'] = ' '.join(clip['objects'])
+  row['sounding'] = '|'.join('+'.join(s) for s in clip['sounding'])
+  return setting, row
+
+
+def _write_job(args):
+  return write_clip(*args)
+
+
+def generate(root, num_clips, seed=0, size=224, workers=None):
+  """Writes both subsets of `num_clips` clips each under `root`."""
+  jobs = [(root, seed, setting, i, num_clips, size)
+          for setting in ('s4', 'ms3') for i in range(num_clips)]
+  workers = workers or os.cpu_count() or 1
+  with multiprocessing.Pool(workers) if workers > 1 else _NoPool() as pool:
+    rows = list(tqdm.tqdm(pool.imap(_write_job, jobs, chunksize=4),
+                          total=len(jobs), desc='synthetic clips', unit='clip'))
+  for setting, sub, fields in (
+      ('s4', 'Single-source', ['name', 'start_time', 'category', 'split']),
+      ('ms3', 'Multi-sources', ['video_id', 'split'])):
+    path = os.path.join(root, sub, f'{setting}_meta_data.csv')
+    with open(path, 'w', newline='') as f:
+      writer = csv.DictWriter(f, fields + ['objects', 'sounding'])
+      writer.writeheader()
+      writer.writerows(row for s, row in rows if s == setting)
+
+
+class _NoPool:
+  """In-process stand-in for multiprocessing.Pool (workers=1)."""
+  imap = staticmethod(lambda fn, it, chunksize=1: map(fn, it))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog='python -m data_prep.synthetic', description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True,
+                      help='root directory to write (the AVSBench-object layout)')
+  parser.add_argument('--clips', type=int, default=300,
+                      help='clips per subset (Single-source and Multi-sources), >= 3')
+  parser.add_argument('--seed', type=int, default=0, help='random seed')
+  parser.add_argument('--size', type=int, default=224,
+                      help='frame height and width in pixels, >= 32')
+  parser.add_argument('--workers', type=int, default=0,
+                      help='processes (default: all CPU cores)')
+  args = parser.parse_args(argv)
+  if args.clips < 3:
+    parser.exit(2, 'error: --clips must be at least 3 (one clip per split)\n')
+  if args.size < 32:
+    parser.exit(2, 'error: --size must be at least 32 pixels\n')
+  generate(args.out, args.clips, args.seed, args.size, args.workers or None)
+  print(f'wrote {args.clips} Single-source and {args.clips} Multi-sources clips '
+        f'({args.size}x{args.size}) to {args.out}')
+
+
+if __name__ == '__main__':
+  sys.exit(main())
