@@ -1,0 +1,248 @@
+r"""Prepare AVSBench for TPU input pipelines: AVSBench-object -> TFDS TFRecords.
+
+  python -m data_prep.avsbench --root ROOT --setting ms3 --out OUT
+
+ROOT is the AVSBench-object folder (holding `Single-source/` and
+`Multi-sources/`, see `data_prep/layout.py`). Writes a standard TFDS dataset
+to `OUT/avs_bench/{setting}/1.0.0/`: `avs_bench-{split}.tfrecord-NNNNN-of-MMMMM`
+shards, `dataset_info.json` (split and shard sizes) and `features.json`, so it
+also loads with `tfds.builder_from_directory` or `tfds.load('avs_bench/ms3',
+data_dir=OUT)` (after importing `data_prep.tfds_builder`).
+
+Clips are read in parallel (one process per core by default). A shard whose
+clips were all written is skipped when the command is run again. A clip with
+a missing or unreadable frame, mask or wav is left out and reported in
+`OUT/errors.jsonl` (one JSON object per clip: setting, split, id, file,
+reason) and in the summary; the command then exits with status 1.
+"""
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import sys
+
+import tqdm
+
+from data_prep import layout
+
+NAME = 'avs_bench'
+VERSION = '1.0.0'
+
+
+def dataset_dir(out, setting):
+  """Where the TFDS dataset of `setting` lives under `out`."""
+  return os.path.join(out, NAME, setting, VERSION)
+
+
+def shard_filename(split, index, num_shards):
+  """TFDS's default shard file name."""
+  return f'{NAME}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}'
+
+
+def plan_shards(clips, clips_per_shard):
+  """{split: [[Clip, ...] per shard]}: contiguous runs of the sorted clips."""
+  plan = {}
+  for split in layout.SPLITS:
+    group = [c for c in clips if c.split == split]
+    if group:
+      num = math.ceil(len(group) / clips_per_shard)
+      size = math.ceil(len(group) / num)
+      plan[split] = [group[i:i + size] for i in range(0, len(group), size)]
+  return plan
+
+
+def _load(clip):
+  """(clip, record or None, error dict or None); never raises."""
+  try:
+    return clip, layout.load_clip(clip), None
+  except layout.ClipError as e:
+    file, reason = e.file, e.reason
+  except Exception as e:  # pylint: disable=broad-except
+    file, reason = '', f'{type(e).__name__}: {e}'
+  return clip, None, dict(split=clip.split, id=clip.id, file=file, reason=reason)
+
+
+def _read_state(out, setting, filename, clips):
+  """The shard's recorded state if the shard was finished for these clips."""
+  try:
+    with open(_state_path(out, setting, filename)) as f:
+      state = json.load(f)
+  except (OSError, ValueError):
+    return None
+  shard = os.path.join(dataset_dir(out, setting), filename)
+  if (state.get('ids') != [c.id for c in clips] or not os.path.isfile(shard)
+      or os.path.getsize(shard) != state.get('num_bytes')):
+    return None
+  return state
+
+
+def _state_path(out, setting, filename):
+  return os.path.join(out, '.prepare', setting, filename + '.json')
+
+
+def _write_shard(out, setting, filename, clips, records, errors):
+  """Writes one shard atomically, then its state; returns the state."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+  features = _write_shard.features = (getattr(_write_shard, 'features', None)
+                                      or tfds_builder.features())
+  path = os.path.join(dataset_dir(out, setting), filename)
+  with tf.io.TFRecordWriter(path + '.tmp') as writer:
+    for record in records:
+      writer.write(features.serialize_example(record))
+  os.replace(path + '.tmp', path)
+  state = dict(ids=[c.id for c in clips], num_examples=len(records),
+               num_bytes=os.path.getsize(path), errors=errors)
+  state_file = _state_path(out, setting, filename)
+  with open(state_file + '.tmp', 'w') as f:
+    json.dump(state, f)
+  os.replace(state_file + '.tmp', state_file)
+  return state
+
+
+def _write_info(out, setting, plan, states):
+  """dataset_info.json and features.json through the TFDS builder."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+  builder = tfds_builder.AvsBench(config=setting, data_dir=out)
+  splits = [tfds.core.SplitInfo(
+      name=split,
+      shard_lengths=[states[split][i]['num_examples'] for i in range(len(shards))],
+      num_bytes=sum(states[split][i]['num_bytes'] for i in range(len(shards))))
+            for split, shards in plan.items()]
+  builder.info.set_splits(tfds.core.SplitDict(splits))
+  builder.info.write_to_directory(dataset_dir(out, setting))
+
+
+def _write_errors(out, setting, errors):
+  """OUT/errors.jsonl: this run's errors of `setting`, other settings kept."""
+  path = os.path.join(out, 'errors.jsonl')
+  kept = []
+  if os.path.isfile(path):
+    with open(path) as f:
+      kept = [line for line in f
+              if line.strip() and json.loads(line).get('setting') != setting]
+  with open(path, 'w') as f:
+    f.writelines(kept)
+    for e in errors:
+      f.write(json.dumps(dict(setting=setting, **e)) + '\n')
+
+
+def _remove_stale(directory, keep):
+  """Deletes shards of earlier runs with another shard count."""
+  for name in os.listdir(directory):
+    if name.startswith(NAME + '-') and '.tfrecord-' in name and name not in keep:
+      os.remove(os.path.join(directory, name))
+
+
+def prepare(root, setting, out, *, workers=None, clips_per_shard=64):
+  """Writes the TFDS dataset of `setting`; returns (errors, {split: count}).
+
+  Raises layout.LayoutError for a wrong root, CSV or setting.
+  """
+  clips = layout.read_clips(root, setting)
+  if not clips:
+    raise layout.LayoutError(
+        f'{layout.csv_path(root, setting)} lists no train/val/test clip')
+  plan = plan_shards(clips, clips_per_shard)
+  directory = dataset_dir(out, setting)
+  os.makedirs(directory, exist_ok=True)
+  os.makedirs(os.path.join(out, '.prepare', setting), exist_ok=True)
+  names = {split: [shard_filename(split, i, len(shards)) for i in range(len(shards))]
+           for split, shards in plan.items()}
+  _remove_stale(directory, {n for ns in names.values() for n in ns})
+
+  # A shard is done when its file and state match and none of its clips failed
+  # (a shard with failed clips is written, and retried on the next run).
+  states = {split: {} for split in plan}
+  todo = []
+  for split, shards in plan.items():
+    for i, shard in enumerate(shards):
+      state = _read_state(out, setting, names[split][i], shard)
+      if state is not None and not state['errors']:
+        states[split][i] = state
+      else:
+        todo.append((split, i, shard))
+
+  done = sum(len(plan[s][i]) for s in states for i in states[s])
+  jobs = [clip for _, _, shard in todo for clip in shard]
+  workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+  with tqdm.tqdm(total=len(clips), initial=done, unit='clip',
+                 desc=f'{setting} clips') as bar:
+    if jobs:
+      pool = multiprocessing.Pool(workers) if workers > 1 else None
+      try:
+        results = (pool.imap(_load, jobs, chunksize=1) if pool
+                   else map(_load, jobs))
+        for split, i, shard in todo:
+          records, errors = [], []
+          for _ in shard:
+            _, record, error = next(results)
+            if error:
+              errors.append(error)
+              bar.write(f'error: {error["id"]}: {error["file"]}: {error["reason"]}')
+            else:
+              records.append(record)
+            bar.update(1)
+          states[split][i] = _write_shard(out, setting, names[split][i], shard,
+                                          records, errors)
+      finally:
+        if pool:
+          pool.close()
+          pool.join()
+
+  _write_info(out, setting, plan, states)
+  errors = [e for split in plan for i in sorted(states[split])
+            for e in states[split][i]['errors']]
+  _write_errors(out, setting, errors)
+  counts = {split: sum(s['num_examples'] for s in states[split].values())
+            for split in plan}
+  return errors, counts
+
+
+class _Parser(argparse.ArgumentParser):
+  """Bad arguments give one error line (and exit status 2)."""
+
+  def error(self, message):
+    self.exit(2, f'{self.prog}: error: {message}\n')
+
+
+def main(argv=None):
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  parser = _Parser(prog='python -m data_prep.avsbench',
+                   description=__doc__.split('\n')[0])
+  parser.add_argument('--root', required=True,
+                      help='AVSBench-object folder (has Single-source/, Multi-sources/)')
+  parser.add_argument('--setting', required=True, choices=layout.SETTINGS,
+                      help='s4 (Single-source) or ms3 (Multi-sources)')
+  parser.add_argument('--out', required=True,
+                      help='output folder (the data_dir of the input pipeline)')
+  parser.add_argument('--workers', type=int, default=0,
+                      help='reader processes (default: one per CPU core)')
+  parser.add_argument('--clips_per_shard', type=int, default=64,
+                      help='clips per TFRecord shard (default: 64)')
+  args = parser.parse_args(argv)
+  if args.clips_per_shard < 1:
+    parser.error('--clips_per_shard must be at least 1')
+  try:
+    errors, counts = prepare(args.root, args.setting, args.out,
+                             workers=args.workers or None,
+                             clips_per_shard=args.clips_per_shard)
+  except layout.LayoutError as e:
+    print(f'{parser.prog}: error: {e}', file=sys.stderr)
+    return 2
+  written = ', '.join(f'{split} {n}' for split, n in counts.items())
+  print(f'{args.setting}: wrote {written} clips to '
+        f'{dataset_dir(args.out, args.setting)}')
+  if errors:
+    print(f'{len(errors)} clip(s) left out (listed in '
+          f'{os.path.join(args.out, "errors.jsonl")}):')
+    for e in errors:
+      print(f'  {e["split"]} {e["id"]}: {e["file"]}: {e["reason"]}')
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

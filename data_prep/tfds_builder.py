@@ -1,0 +1,86 @@
+"""TFDS builder `avs_bench` (configs `s4`, `ms3`) over a manual AVSBench download.
+
+`python -m data_prep.avsbench` writes the same dataset in parallel, resumably
+and with an error report; this builder also lets `tfds build` do it and gives
+`tfds.load('avs_bench/ms3', data_dir=OUT)` the feature specification.
+"""
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_prep import layout
+
+NAME = 'avs_bench'
+VERSION = '1.0.0'
+
+_DESCRIPTION = """\
+AVSBench-object (Zhou et al., "Audio-Visual Segmentation", ECCV 2022): 5 s
+clips, 5 frames (one per second), the binary masks of the sounding objects
+and the audio as VGGish log-mel examples (one 0.96 s example per frame).
+S4 (Single-source): one sounding object per clip; the training split labels
+only the first frame. MS3 (Multi-sources): several sounding objects, all
+frames labelled. Masks are 0/1; `labelled[i]` says whether mask i is ground
+truth (an unlabelled mask is all zeros).
+"""
+
+_CITATION = """\
+@inproceedings{zhou2022avs,
+  title={Audio-Visual Segmentation},
+  author={Zhou, Jinxing and Wang, Jianyuan and Zhang, Jiayi and Sun, Weixuan
+          and Zhang, Jing and Birchfield, Stan and Guo, Dan and Kong, Lingpeng
+          and Wang, Meng and Zhong, Yiran},
+  booktitle={ECCV},
+  year={2022}
+}
+"""
+
+
+def features():
+  """The feature specification of one clip."""
+  f = tfds.features
+  return f.FeaturesDict({
+      'id': f.Text(),
+      'category': f.Text(),
+      'frames': f.Sequence(f.Image(shape=(None, None, 3), encoding_format='png'),
+                           length=layout.NUM_FRAMES),
+      'masks': f.Sequence(f.Image(shape=(None, None, 1), encoding_format='png'),
+                          length=layout.NUM_FRAMES),
+      'labelled': f.Tensor(shape=(layout.NUM_FRAMES,), dtype=np.bool_),
+      'log_mel': f.Tensor(shape=(layout.NUM_FRAMES, 96, 64), dtype=np.float32,
+                          encoding=f.Encoding.BYTES),
+  })
+
+
+class AvsBench(tfds.core.GeneratorBasedBuilder):
+  """AVSBench-object, S4 and MS3 settings."""
+
+  VERSION = tfds.core.Version(VERSION)
+  RELEASE_NOTES = {str(VERSION): 'Frames, masks, labelled flags, VGGish log-mel.'}
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name='s4', description='Single-source (S4).'),
+      tfds.core.BuilderConfig(name='ms3', description='Multi-sources (MS3).'),
+  ]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  AVSBench is distributed by its authors on request
+  (https://opennlplab.github.io/AVSBench/). Put the AVSBench-object folder,
+  holding `Single-source/` and `Multi-sources/` with their CSV files, in
+  `manual_dir` (or run `python -m data_prep.avsbench --root DIR`). Only the
+  frames, masks and wav files are read.
+  """
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, description=_DESCRIPTION, features=features(),
+        homepage='https://opennlplab.github.io/AVSBench/', citation=_CITATION)
+
+  def _split_generators(self, dl_manager):
+    clips = layout.read_clips(str(dl_manager.manual_dir), self.builder_config.name)
+    return {split: self._generate_examples([c for c in clips if c.split == split])
+            for split in layout.SPLITS if any(c.split == split for c in clips)}
+
+  def _generate_examples(self, clips):
+    for clip in clips:
+      try:
+        yield clip.id, layout.load_clip(clip)
+      except layout.ClipError as e:  # `data_prep.avsbench` reports these.
+        logging.warning('skipping clip %s: %s', clip.id, e)
