@@ -80,7 +80,7 @@ def log_mel(samples):
 
 
 def waveform_to_examples(samples, sample_rate):
-  """Waveform `[n]` or `[n, channels]` -> float32 log-mel examples `[N, 96, 64]`.
+  """Waveform `[n]` or `[n, channels]` -> float32 log-mel `[N, 96, 64]`.
 
   Floats are taken in [-1, 1]; int16 is scaled by 1/32768. Audio not at
   16 kHz is resampled with librosa (soxr). Returns `[0, 96, 64]` when the

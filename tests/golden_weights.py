@@ -1,4 +1,4 @@
-"""Rebuild the golden fixtures' deterministic PyTorch state_dicts from key names.
+"""Rebuild the golden fixtures' deterministic PyTorch state_dicts by key.
 
 Recipe (tests/data/golden/README.md): each tensor comes from
 `default_rng(crc32(key))`'s standard normal draw of its shape, scaled by leaf
@@ -13,7 +13,8 @@ import numpy as np
 def rebuild_tensor(key, shape):
   """One float32 tensor of `shape` (PyTorch layout) for state_dict `key`."""
   shape = tuple(int(s) for s in shape)
-  n = np.random.default_rng(zlib.crc32(key.encode('utf-8'))).standard_normal(shape)
+  rng = np.random.default_rng(zlib.crc32(key.encode('utf-8')))
+  n = rng.standard_normal(shape)
   leaf = key.rsplit('.', 1)[-1]
   if leaf == 'running_var':
     t = 1 + 0.1 * np.abs(n)

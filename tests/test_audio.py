@@ -1,4 +1,4 @@
-"""VGGish log-mel front-end against the reference fixture and basic properties."""
+"""VGGish log-mel front-end: reference fixture and basic properties."""
 import os
 
 import jax
@@ -13,7 +13,8 @@ GOLDEN = os.path.join(os.path.dirname(__file__), 'data', 'golden',
 
 
 def rel_l2(a, b):
-  return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+  d = np.asarray(a, np.float64) - b
+  return float(np.linalg.norm(d) / np.linalg.norm(b))
 
 
 def tone(freq, seconds, sr, amp=0.5):
@@ -51,8 +52,9 @@ def test_golden_log_mel_jax(golden):
 
 def test_int16_is_scaled_like_float(golden):
   pcm = golden['pcm_int16']
-  np.testing.assert_array_equal(audio.waveform_to_examples(pcm, 16000),
-                                audio.waveform_to_examples(pcm / 32768.0, 16000))
+  np.testing.assert_array_equal(
+      audio.waveform_to_examples(pcm, 16000),
+      audio.waveform_to_examples(pcm / 32768.0, 16000))
 
 
 def test_stereo_is_mono_mix(tmp_path):
@@ -90,8 +92,8 @@ def test_resampled_tone_lands_in_its_mel_band(tmp_path):
   np.testing.assert_allclose(ex[:, 5:-5][..., loud], ref[:, 5:-5][..., loud],
                              atol=0.05)
   # The array path resamples the same way.
-  np.testing.assert_allclose(audio.waveform_to_examples(tone(freq, 3, 44100), 44100),
-                             ex, atol=1e-3)
+  np.testing.assert_allclose(
+      audio.waveform_to_examples(tone(freq, 3, 44100), 44100), ex, atol=1e-3)
 
 
 def test_clip_pads_by_repeating_last_example():

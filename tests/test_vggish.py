@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from avs_jax.models.vggish import build_vggish
+from avs_jax.convert import vggish_torch_to_flax
+from avs_jax.models import build_vggish
 from golden_weights import rebuild_state_dict
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'data', 'golden',
@@ -14,42 +15,30 @@ GOLDEN = os.path.join(os.path.dirname(__file__), 'data', 'golden',
 
 
 def rel_l2(a, b):
-  return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
-def torch_to_flax(state_dict, pca_state_dict=None):
-  """Test-local mapping by the project naming convention (until convert.py)."""
-  params = {}
-  for key, w in state_dict.items():
-    w = np.asarray(w, np.float32)
-    *path, leaf = key.split('.')
-    name = '_'.join(path)
-    if leaf == 'weight':
-      leaf = 'kernel'
-      w = w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T
-    params.setdefault(name, {})[leaf] = w
-  out = {'params': params}
-  if pca_state_dict is not None:
-    out['pca'] = {
-        'eigen_vectors': np.asarray(pca_state_dict['pca_eigen_vectors'], np.float32),
-        'means': np.asarray(pca_state_dict['pca_means'], np.float32).reshape(-1),
-    }
-  return out
+  d = np.asarray(a, np.float64) - b
+  return float(np.linalg.norm(d) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope='module')
 def golden():
   g = dict(np.load(GOLDEN))
-  g['variables'] = torch_to_flax(rebuild_state_dict(g['state_dict_shapes']))
+  g['state_dict'] = rebuild_state_dict(g['state_dict_shapes'])
+  g['variables'] = vggish_torch_to_flax(g['state_dict'])
   return g
 
 
 def test_param_tree_mirrors_state_dict(golden):
-  shapes = jax.eval_shape(build_vggish().init, jax.random.key(0),
-                          jnp.zeros((1, 96, 64)))
-  ours = jax.tree.map(lambda x: x.shape, shapes)
-  ref = jax.tree.map(lambda x: x.shape, golden['variables'])
-  assert ours == ref
+  """`features.3.weight [O,I,kh,kw]` -> `features_3/kernel [kh,kw,I,O]`."""
+  expected = {}
+  for key, w in golden['state_dict'].items():
+    module, leaf = key.rsplit('.', 1)
+    shape = w.shape[2:] + w.shape[1::-1] if w.ndim == 4 else w.shape[::-1]
+    expected.setdefault(module.replace('.', '_'), {})[
+        'kernel' if leaf == 'weight' else leaf] = shape
+  init = jax.eval_shape(build_vggish().init, jax.random.key(0),
+                        jnp.zeros((1, 96, 64)))
+  assert set(init) == {'params'}
+  assert jax.tree.map(lambda x: x.shape, init['params']) == expected
 
 
 def test_golden_embedding(golden):
@@ -76,8 +65,7 @@ def test_pca_postprocess(golden):
   means = rng.standard_normal(128) * 0.1
   # The torchvggish Postprocessor keeps the means as a [128, 1] column.
   pca_sd = {'pca_eigen_vectors': eig, 'pca_means': means[:, None]}
-  variables = torch_to_flax(rebuild_state_dict(golden['state_dict_shapes']),
-                            pca_sd)
+  variables = vggish_torch_to_flax(golden['state_dict'], pca_sd)
   model = build_vggish(postprocess=True)
   init = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 96, 64)))
   assert jax.tree.map(lambda v: v.shape, init['pca']) == {

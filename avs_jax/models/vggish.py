@@ -53,7 +53,8 @@ class VGGish(nn.Module):
     mean = self.variable('pca', 'means', jnp.zeros, (d,), jnp.float32)
     y = jnp.matmul(x - mean.value, eig.value.T, precision='highest')
     y = jnp.clip(y, QUANTIZE_MIN, QUANTIZE_MAX)
-    return jnp.round((y - QUANTIZE_MIN) * (255.0 / (QUANTIZE_MAX - QUANTIZE_MIN)))
+    scale = 255.0 / (QUANTIZE_MAX - QUANTIZE_MIN)
+    return jnp.round((y - QUANTIZE_MIN) * scale)
 
 
 def build_vggish(postprocess=False, dtype=jnp.float32):
