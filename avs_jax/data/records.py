@@ -1,0 +1,170 @@
+"""The prepared dataset on disk: split files, random access, record decoding.
+
+`data_dir` is the `--out` folder of `python -m data_prep.avsbench`; a setting
+lives in `data_dir/avs_bench/{setting}/1.0.0/` (a TFDS dataset: TFRecord
+shards + dataset_info.json). Decoding uses PIL and NumPy only.
+"""
+import io
+import json
+import math
+import os
+import struct
+
+import numpy as np
+from PIL import Image
+
+from avs_jax.data import example_proto
+
+NAME = 'avs_bench'
+NUM_FRAMES = 5
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def dataset_dir(data_dir, setting):
+  """`data_dir/avs_bench/{setting}/{newest version}` (or `data_dir` itself)."""
+  if os.path.isfile(os.path.join(data_dir, 'dataset_info.json')):
+    return data_dir
+  base = os.path.join(data_dir, NAME, setting)
+  versions = sorted((d for d in (os.listdir(base) if os.path.isdir(base) else [])
+                     if os.path.isfile(os.path.join(base, d, 'dataset_info.json'))),
+                    key=lambda v: tuple(int(x) for x in v.split('.')))
+  if not versions:
+    raise FileNotFoundError(
+        f'no prepared {setting!r} dataset under {data_dir!r} (expected '
+        f'{base}/<version>/dataset_info.json; run python -m data_prep.avsbench)')
+  return os.path.join(base, versions[-1])
+
+
+def split_files(data_dir, setting, split):
+  """(shard paths, records per shard) of a split, from dataset_info.json."""
+  directory = dataset_dir(data_dir, setting)
+  with open(os.path.join(directory, 'dataset_info.json')) as f:
+    info = json.load(f)
+  splits = {s['name']: s for s in info.get('splits', [])}
+  if split not in splits:
+    raise ValueError(f'split {split!r} not in {directory} (has {sorted(splits)})')
+  lengths = [int(n) for n in splits[split].get('shardLengths', [])]
+  name = info.get('name', NAME)
+  fmt = info.get('fileFormat', 'tfrecord')
+  paths = [os.path.join(directory, f'{name}-{split}.{fmt}-{i:05d}-of-{len(lengths):05d}')
+           for i in range(len(lengths))]
+  return paths, lengths
+
+
+def num_examples(data_dir, setting, split):
+  """Number of clips in a split."""
+  return sum(split_files(data_dir, setting, split)[1])
+
+
+def image_hw(image_size):
+  """int or (H, W) -> (H, W)."""
+  if isinstance(image_size, int):
+    return image_size, image_size
+  h, w = image_size
+  return int(h), int(w)
+
+
+class TFRecordSource:
+  """Random access to the records of TFRecord files (a grain data source).
+
+  The record offsets are found once by reading the length headers. File
+  handles are opened lazily, so the source pickles into worker processes.
+  """
+
+  def __init__(self, paths, lengths=None):
+    self._paths = list(paths)
+    self._index = []  # (file number, offset of the data, length)
+    for k, path in enumerate(self._paths):
+      size, start, count = os.path.getsize(path), 0, 0
+      with open(path, 'rb') as f:
+        while start < size:
+          f.seek(start)
+          header = f.read(12)
+          if len(header) != 12:
+            raise ValueError(f'{path}: truncated TFRecord at byte {start}')
+          (length,) = struct.unpack('<Q', header[:8])
+          self._index.append((k, start + 12, length))
+          start += 12 + length + 4
+          count += 1
+      if start != size:
+        raise ValueError(f'{path}: truncated TFRecord (ends mid-record)')
+      if lengths is not None and count != lengths[k]:
+        raise ValueError(f'{path}: {count} records, dataset_info.json says '
+                         f'{lengths[k]} (re-run python -m data_prep.avsbench)')
+    self._files = {}
+
+  def __len__(self):
+    return len(self._index)
+
+  def __getitem__(self, i):
+    k, offset, length = self._index[i]
+    if k not in self._files:
+      self._files[k] = open(self._paths[k], 'rb')
+    f = self._files[k]
+    f.seek(offset)
+    return f.read(length)
+
+  def __getstate__(self):
+    return dict(self.__dict__, _files={})
+
+  def __repr__(self):
+    return f'TFRecordSource({len(self._paths)} files, {len(self)} records)'
+
+
+def _decode_png(data):
+  img = Image.open(io.BytesIO(data))
+  img.load()
+  return img
+
+
+def decode(raw, image_size):
+  """Serialized clip -> dict of NumPy arrays (one element of a batch).
+
+  frames float32 [5, H, W, 3] (bilinear resize, ImageNet mean/std);
+  masks float32 [5, H, W] in {0, 1} (nearest resize); labelled bool [5];
+  log_mel float32 [5, 96, 64]; valid bool []; id, category str.
+  """
+  h, w = image_hw(image_size)
+  ex = example_proto.parse(raw)
+  frames = np.empty((NUM_FRAMES, h, w, 3), np.uint8)
+  masks = np.empty((NUM_FRAMES, h, w), np.uint8)
+  for i, (f, m) in enumerate(zip(ex['frames'], ex['masks'])):
+    img = _decode_png(f).convert('RGB')
+    if img.size != (w, h):
+      img = img.resize((w, h), Image.BILINEAR)
+    frames[i] = np.asarray(img)
+    mask = _decode_png(m)
+    if mask.size != (w, h):
+      mask = mask.resize((w, h), Image.NEAREST)
+    masks[i] = np.asarray(mask).reshape(h, w)
+  scale = 1.0 / (255.0 * IMAGENET_STD)
+  return dict(
+      frames=frames * scale - IMAGENET_MEAN / IMAGENET_STD,
+      masks=(masks > 0).astype(np.float32),
+      labelled=np.array(ex['labelled'], bool),
+      log_mel=np.frombuffer(ex['log_mel'][0], '<f4').reshape(NUM_FRAMES, 96, 64).copy(),
+      valid=np.array(True),
+      id=ex['id'][0].decode(), category=ex['category'][0].decode())
+
+
+def padding(image_size):
+  """The element that fills an evaluation batch: all zeros, valid=False."""
+  h, w = image_hw(image_size)
+  return dict(
+      frames=np.zeros((NUM_FRAMES, h, w, 3), np.float32),
+      masks=np.zeros((NUM_FRAMES, h, w), np.float32),
+      labelled=np.zeros(NUM_FRAMES, bool),
+      log_mel=np.zeros((NUM_FRAMES, 96, 64), np.float32),
+      valid=np.array(False), id='', category='')
+
+
+def eval_positions(num, batch_size, process_index, process_count):
+  """This process's global clip positions in evaluation order; >= num is padding.
+
+  Global position p goes to process p % process_count; every process gets
+  ceil(num / (batch_size * process_count)) full batches.
+  """
+  steps = math.ceil(num / (batch_size * process_count))
+  return list(range(process_index, steps * batch_size * process_count,
+                    process_count))
