@@ -286,28 +286,32 @@ def test_bce_matches_torch_bceloss():
 def test_s4_uses_first_frame_only_and_labelled_weights():
   out, masks = _random_outputs(seed=2)
   x, y = out['logits'], masks
-  s4, _ = losses.avs_loss(out, masks, setting='s4')
-  np.testing.assert_allclose(s4, np.asarray(losses.bce_with_logits(x[:, 0], y[:, 0])).mean(),
-                             rtol=1e-6)
+
+  def loss(o, m, **kw):
+    return losses.avs_loss(o, m, **kw)[0]
+
+  s4 = loss(out, masks, setting='s4')
+  first = np.asarray(losses.bce_with_logits(x[:, 0], y[:, 0])).mean()
+  np.testing.assert_allclose(s4, first, rtol=1e-6)
   # Changing frames other than the first does not change S4.
   out2 = dict(out, logits=x.copy())
   out2['logits'][:, 1:] = 7.0
-  np.testing.assert_allclose(losses.avs_loss(out2, masks, setting='s4')[0], s4, rtol=1e-6)
+  np.testing.assert_allclose(loss(out2, masks, setting='s4'), s4, rtol=1e-6)
 
-  ms3, _ = losses.avs_loss(out, masks, setting='ms3')
+  ms3 = loss(out, masks, setting='ms3')
   ones = np.ones(x.shape[:2], np.float32)
-  np.testing.assert_allclose(losses.avs_loss(out, masks, setting='ms3', labelled=ones)[0],
-                             ms3, rtol=1e-6)
-  np.testing.assert_allclose(losses.avs_loss(out, masks, setting='s4', labelled=ones)[0],
-                             s4, rtol=1e-6)
+  np.testing.assert_allclose(loss(out, masks, setting='ms3', labelled=ones), ms3,
+                             rtol=1e-6)
+  np.testing.assert_allclose(loss(out, masks, setting='s4', labelled=ones), s4,
+                             rtol=1e-6)
   # A zero-weighted (padding) clip drops out.
   w = ones.copy()
   w[1] = 0.0
-  only0 = {'logits': x[:1]}
-  np.testing.assert_allclose(losses.avs_loss(out, masks, setting='ms3', labelled=w)[0],
-                             losses.avs_loss(only0, masks[:1], setting='ms3')[0], rtol=1e-6)
+  np.testing.assert_allclose(loss(out, masks, setting='ms3', labelled=w),
+                             loss({'logits': x[:1]}, masks[:1], setting='ms3'),
+                             rtol=1e-6)
   np.testing.assert_allclose(
-      losses.avs_loss(out, masks, setting='ms3', labelled=np.zeros_like(w))[0], 0.0)
+      loss(out, masks, setting='ms3', labelled=np.zeros_like(w)), 0.0)
 
 
 def test_invalid_options_raise():
