@@ -18,7 +18,7 @@ class BatchNorm(nn.Module):
 
   In training it normalises with the biased batch variance and updates the
   running variance with the unbiased one, as `torch.nn.BatchNorm*d` does.
-  Statistics are reduced over every axis but the last, in float32.
+  Statistics are reduced over every axis but the last, in at least float32.
   """
   use_running_average: bool = True
   momentum: float = 0.1
@@ -32,11 +32,12 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    f32 = jnp.promote_types(self.dtype, jnp.float32)  # bf16 -> f32, f64 stays
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
       axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
+      xf = x.astype(f32)
       mean = jnp.mean(xf, axes)
       var = jnp.mean(jnp.square(xf - mean), axes)
       if not self.is_initializing():
@@ -46,7 +47,7 @@ class BatchNorm(nn.Module):
         ra_mean.value = (1 - m) * ra_mean.value + m * mean
         ra_var.value = (1 - m) * ra_var.value + m * unbiased
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+    y = x.astype(f32) * mul + (bias - mean * mul)
     return y.astype(self.dtype)
 
 
