@@ -232,6 +232,9 @@ def main(argv=None):
   except layout.LayoutError as e:
     print(f'{parser.prog}: error: {e}', file=sys.stderr)
     return 2
+  except OSError as e:  # e.g. --out not writable
+    print(f'{parser.prog}: error: {e}', file=sys.stderr)
+    return 2
   written = ', '.join(f'{split} {n}' for split, n in counts.items())
   print(f'{args.setting}: wrote {written} clips to '
         f'{dataset_dir(args.out, args.setting)}')

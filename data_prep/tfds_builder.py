@@ -5,6 +5,7 @@ and with an error report; this builder also lets `tfds build` do it and gives
 `tfds.load('avs_bench/ms3', data_dir=OUT)` the feature specification.
 """
 from absl import logging
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -67,6 +68,13 @@ class AvsBench(tfds.core.GeneratorBasedBuilder):
   `manual_dir` (or run `python -m data_prep.avsbench --root DIR`). Only the
   frames, masks and wav files are read.
   """
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # TFDS's default looks the module up with `importlib_resources`, which
+    # etils only has with its `epath` extra; this file is the answer anyway.
+    return epath.Path(__file__)
 
   def _info(self):
     return tfds.core.DatasetInfo(

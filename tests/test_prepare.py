@@ -216,3 +216,19 @@ def test_bad_arguments_are_one_line(tree, tmp_path, case):
   assert 'Traceback' not in run.stderr
   assert len(run.stderr.strip().splitlines()) == 1, run.stderr
   assert 'error' in run.stderr
+
+
+def test_tfds_builder_writes_the_same_records(tree, tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from avs_jax import data  # pylint: disable=g-import-not-at-top
+  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+  builder = tfds_builder.AvsBench(config='ms3', data_dir=str(tmp_path))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=tree['clean']))
+  ours = find(tree['out'], 'ms3', 'test', 'ms3_00009')
+  theirs = next(e for e in tfds.as_numpy(builder.as_dataset(split='test'))
+                if e['id'] == b'ms3_00009')
+  assert sorted(ours) == sorted(theirs)
+  for key in ours:
+    np.testing.assert_array_equal(ours[key], theirs[key])
+  assert data.num_examples(str(tmp_path), 'ms3', 'train') == 6
