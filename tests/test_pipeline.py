@@ -228,3 +228,15 @@ def test_bad_requests(env, tmp_path):
                       process_index=0, process_count=1)
   with pytest.raises(ValueError, match='batch_size'):
     train(env, batch_size=16)
+
+
+def test_random_access_is_thread_safe(env):
+  """grain reads a MapDataset with many threads: records must not get mixed."""
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  from avs_jax.data import records  # pylint: disable=g-import-not-at-top
+  source = records.TFRecordSource(*records.split_files(env['out'], 'ms3', 'train'))
+  expected = [source[i] for i in range(len(source))]
+  order = np.random.default_rng(0).integers(0, len(source), 2000)
+  with futures.ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(source.__getitem__, order))
+  assert all(g == expected[i] for g, i in zip(got, order))

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import struct
+import threading
 
 import numpy as np
 from PIL import Image
@@ -68,8 +69,9 @@ def image_hw(image_size):
 class TFRecordSource:
   """Random access to the records of TFRecord files (a grain data source).
 
-  The record offsets are found once by reading the length headers. File
-  handles are opened lazily, so the source pickles into worker processes.
+  The record offsets are found once by reading the length headers. Reads use
+  `os.pread` (grain reads with several threads); descriptors are opened
+  lazily, so the source pickles into worker processes.
   """
 
   def __init__(self, paths, lengths=None):
@@ -92,21 +94,34 @@ class TFRecordSource:
       if lengths is not None and count != lengths[k]:
         raise ValueError(f'{path}: {count} records, dataset_info.json says '
                          f'{lengths[k]} (re-run python -m data_prep.avsbench)')
-    self._files = {}
+    self._fds = {}  # file number -> OS file descriptor, opened lazily
+    self._lock = threading.Lock()
 
   def __len__(self):
     return len(self._index)
 
   def __getitem__(self, i):
     k, offset, length = self._index[i]
-    if k not in self._files:
-      self._files[k] = open(self._paths[k], 'rb')
-    f = self._files[k]
-    f.seek(offset)
-    return f.read(length)
+    fd = self._fds.get(k)
+    if fd is None:
+      with self._lock:
+        fd = self._fds.get(k)
+        if fd is None:
+          fd = self._fds[k] = os.open(self._paths[k], os.O_RDONLY)
+    data = os.pread(fd, length, offset)  # no shared file position: thread-safe
+    if len(data) != length:
+      raise ValueError(f'{self._paths[k]}: record {i} is truncated')
+    return data
 
   def __getstate__(self):
-    return dict(self.__dict__, _files={})
+    return {k: v for k, v in self.__dict__.items() if k not in ('_fds', '_lock')}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _fds={}, _lock=threading.Lock())
+
+  def __del__(self):
+    for fd in getattr(self, '_fds', {}).values():
+      os.close(fd)
 
   def __repr__(self):
     return f'TFRecordSource({len(self._paths)} files, {len(self)} records)'
