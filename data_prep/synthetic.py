@@ -90,7 +90,7 @@ def shape_mask(shape, u, v):
   if shape == 'diamond':
     return au + av <= 1.0
   if shape == 'ring':
-    return (r2 <= 1.0) & (r2 >= 0.5 ** 2)
+    return (r2 <= 1.0) & (r2 >= 0.42 ** 2)
   if shape == 'plus':
     return ((au <= 0.32) & (av <= 0.95)) | ((av <= 0.32) & (au <= 0.95))
   if shape == 'hexagon':
@@ -128,7 +128,7 @@ def _place_objects(rng, classes, size):
   objects = []
   times = np.arange(NUM_FRAMES)[:, None]
   for cls in classes:
-    radius = size * rng.uniform(0.11, 0.15)
+    radius = size * rng.uniform(0.13, 0.17)
     for attempt in range(1000):
       if attempt and attempt % 100 == 0:
         radius *= 0.9
