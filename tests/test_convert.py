@@ -49,17 +49,22 @@ def random_variables(shapes, seed=0):
   """Distinct random float32 values for every leaf (so that a swapped or
   mis-transposed leaf cannot go unnoticed), from a flat `{path: shape}`."""
   rng = np.random.default_rng(seed)
-  return unflatten({p: rng.standard_normal(s.shape, np.float32)
+  return unflatten({p: rng.random(s.shape, np.float32) - 0.5
                     for p, s in shapes.items()})
+
+
+def assert_equal(x, y, msg=''):
+  x, y = np.asarray(x), np.asarray(y)
+  assert x.shape == y.shape, msg
+  if not np.array_equal(x, y):  # (fast path: assert_array_equal is slow)
+    np.testing.assert_array_equal(x, y, err_msg=msg)
 
 
 def assert_trees_equal(a, b):
   fa, fb = flatten(a), flatten(b)
   assert set(fa) == set(fb), set(fa) ^ set(fb)
   for path in fa:
-    assert np.shape(fa[path]) == np.shape(fb[path]), path
-    np.testing.assert_array_equal(np.asarray(fa[path]), np.asarray(fb[path]),
-                                  err_msg='/'.join(path))
+    assert_equal(fa[path], fb[path], '/'.join(path))
 
 
 @pytest.fixture(scope='module')
@@ -266,7 +271,10 @@ def test_keys_and_shapes_equal_reference(name):
   assert set(ours) - set(golden) == set()
   assert set(golden) - set(ours) == set()
   assert {k: s for k, s in ours.items() if golden[k] != s} == {}
-  # ... and the converter takes exactly the reference's key set.
+  if cfg.backbone != 'resnet50':
+    return  # (the golden parity tests convert the PVT-v2-b5 state dict)
+  # ... and the converter takes exactly the reference's key set (dropping
+  # the unused layer3_2 / layer4_2 branch).
   ref_sd = {k: zero_view(s) for k, s in golden.items()}
   flat = flatten(convert.torch_to_flax(ref_sd, cfg))
   assert {p: np.shape(v) for p, v in flat.items()} == {
@@ -383,7 +391,7 @@ def test_torchvision_resnet50(resnet):
   assert set(fm) == set(fb)
   for path in fm:
     want = fv[path] if path[1] == 'resnet' else fb[path]
-    np.testing.assert_array_equal(fm[path], want, err_msg='/'.join(path))
+    assert_equal(fm[path], want, '/'.join(path))
 
 
 def test_pvt_v2_backbone(pvt):
@@ -402,7 +410,7 @@ def test_pvt_v2_backbone(pvt):
   fm, fb, fv = flatten(merged), flatten(base), flatten(variables)
   for path in fm:
     want = fv[path] if path[1] == 'encoder_backbone' else fb[path]
-    np.testing.assert_array_equal(fm[path], want, err_msg='/'.join(path))
+    assert_equal(fm[path], want, '/'.join(path))
   # A PVT checkpoint does not fit a ResNet model, nor a ResNet one a PVT.
   with pytest.raises(ConversionError):
     convert.torch_to_flax(pv, config('resnet50'))
