@@ -1,0 +1,52 @@
+"""Logging helpers: console (process 0), TensorBoard + JSONL metrics, progress bars."""
+import json
+import os
+import sys
+
+import jax
+import tqdm
+
+
+def log(msg):
+  if jax.process_index() == 0:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def progress(total, initial=0, desc=''):
+  return tqdm.tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                   disable=jax.process_index() != 0, file=sys.stderr)
+
+
+class MetricWriter:
+  """Scalars to TensorBoard (`WORKDIR/tb`) and `WORKDIR/metrics.jsonl`; process 0 only."""
+
+  def __init__(self, workdir):
+    self.active = jax.process_index() == 0
+    self._tb = None
+    if self.active:
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        tf.config.set_visible_devices([], 'GPU')  # keep TF off accelerators
+        self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tb'))
+        self._tf = tf
+      except ImportError:  # TensorBoard is optional
+        pass
+
+  def write(self, step, scalars):
+    if not self.active:
+      return
+    self._jsonl.write(json.dumps({'step': int(step), **{
+        k: float(v) for k, v in scalars.items()}}) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      with self._tb.as_default(step=int(step)):
+        for k, v in scalars.items():
+          self._tf.summary.scalar(k, float(v))
+      self._tb.flush()
+
+  def close(self):
+    if self.active:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
