@@ -392,3 +392,81 @@ def vggish_flax_to_torch(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
     sd['pca_eigen_vectors'] = np.asarray(variables['pca']['eigen_vectors'])
     sd['pca_means'] = np.asarray(variables['pca']['means']).reshape(-1, 1)
   return sd
+
+
+# --------------------------------------------------------------------------
+# Command line.
+
+
+def save_checkpoint(variables, out_dir, step=0):
+  """Writes `variables` as an Orbax checkpoint that `run.py --mode eval` restores."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from avs_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  state = {'step': np.asarray(step, np.int32),
+           'params': variables['params'],
+           'batch_stats': variables.get('batch_stats', {})}
+  mngr = ckpt_lib.manager(out_dir, keep=1, async_save=False)
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+            force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  return os.path.join(os.path.abspath(out_dir), str(step))
+
+
+def main(argv=None):
+  import argparse  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(
+      prog='python -m avs_jax.convert',
+      description='Convert an official AVS PyTorch checkpoint (ResNet-50 or '
+      'PVT-v2, .pth/.npz/.safetensors) into an Orbax checkpoint for '
+      '`run.py --mode eval --config.eval.restore=OUT`; or, with --to-torch, '
+      'an Orbax checkpoint back into a PyTorch state dict (.pth or .npz).')
+  p.add_argument('--src', required=True, help='checkpoint to convert')
+  p.add_argument('--config', required=True,
+                 help='config file whose `model` section matches the '
+                 'checkpoint, e.g. configs/ms3.py (or configs/ms3.py:pvt_v2_b5)')
+  p.add_argument('--out', required=True,
+                 help='output: a checkpoint directory, or with --to-torch a '
+                 '.pth/.npz file')
+  p.add_argument('--to-torch', action='store_true',
+                 help='convert an Orbax checkpoint (--src) to PyTorch')
+  args = p.parse_args(argv)
+  path, _, arg = args.config.partition(':')
+  spec = importlib.util.spec_from_file_location('avs_config', path)
+  if spec is None or not os.path.exists(path):
+    p.error(f'--config {path}: no such config file')
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  try:
+    if args.to_torch:
+      from avs_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+      state, step = ckpt_lib.load_state(args.src)
+      sd = flax_to_torch(state, config.model)
+      if args.out.endswith('.npz'):
+        np.savez(args.out, **sd)
+      else:
+        import torch  # pylint: disable=g-import-not-at-top
+        torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
+                   args.out)
+      print(f'wrote {len(sd)} tensors (step {step}) to {args.out}')
+    else:
+      sd = load_state_dict(args.src)
+      if checkpoint_kind(_strip_prefix(sd)) != 'avs':
+        p.error(f'{args.src} is an ImageNet backbone checkpoint: use it as '
+                '--config.train.init_backbone, not as an eval checkpoint')
+      out = save_checkpoint(torch_to_flax(sd, config.model), args.out)
+      print(f'wrote {out} ({config.model.backbone}); evaluate with: python '
+            f'run.py --mode eval --config {args.config} '
+            f'--config.eval.restore={args.out}')
+  except (ConversionError, FileNotFoundError, ImportError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

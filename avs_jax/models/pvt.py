@@ -64,7 +64,8 @@ class Attention(nn.Module):
     kv = _dense(2 * c, self.dtype, 'kv')(x).reshape(n, -1, 2, self.num_heads,
                                                     hd)
     attn = jnp.einsum('nqhd,nkhd->nhqk', q, kv[:, :, 0]) * hd**-0.5
-    attn = nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
+    f32 = jnp.promote_types(self.dtype, jnp.float32)  # bf16 -> f32, f64 stays
+    attn = nn.softmax(attn.astype(f32), axis=-1).astype(self.dtype)
     y = jnp.einsum('nhqk,nkhd->nqhd', attn, kv[:, :, 1]).reshape(n, l, c)
     return _dense(c, self.dtype, 'proj')(y)
 

@@ -91,7 +91,8 @@ class TPAVI(nn.Module):
       y = jnp.einsum('bqk,bkd->bqd', f, values, precision=hp) / n
     else:
       s = jnp.einsum('bqc,bkc->bqk', q, k, precision=hp)
-      p = nn.softmax(s.astype(jnp.float32), axis=-1).astype(self.dtype)
+      f32 = jnp.promote_types(self.dtype, jnp.float32)  # bf16 -> f32, f64 stays
+      p = nn.softmax(s.astype(f32), axis=-1).astype(self.dtype)
       y = jnp.einsum('bqk,bkd->bqd', p, values / multiplicity, precision=hp)
 
     y = y.reshape(b, t, h, w, ci)
