@@ -171,7 +171,9 @@ def prepare(root, setting, out, *, workers=None, clips_per_shard=64):
   with tqdm.tqdm(total=len(clips), initial=done, unit='clip',
                  desc=f'{setting} clips') as bar:
     if jobs:
-      pool = multiprocessing.Pool(workers) if workers > 1 else None
+      # spawn: the caller may hold threads (JAX, TensorFlow) that fork would copy.
+      pool = (multiprocessing.get_context('spawn').Pool(workers) if workers > 1
+              else None)
       try:
         results = (pool.imap(_load, jobs, chunksize=1) if pool
                    else map(_load, jobs))

@@ -333,7 +333,8 @@ def generate(root, num_clips, seed=0, size=224, workers=None):
   jobs = [(root, seed, setting, i, num_clips, size)
           for setting in ('s4', 'ms3') for i in range(num_clips)]
   workers = workers or os.cpu_count() or 1
-  with multiprocessing.Pool(workers) if workers > 1 else _NoPool() as pool:
+  ctx = multiprocessing.get_context('spawn')  # safe beside JAX's threads
+  with ctx.Pool(workers) if workers > 1 else _NoPool() as pool:
     rows = list(tqdm.tqdm(pool.imap(_write_job, jobs, chunksize=4),
                           total=len(jobs), desc='synthetic clips', unit='clip'))
   for setting, sub, fields in (
