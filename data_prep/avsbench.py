@@ -16,6 +16,7 @@ a missing or unreadable frame, mask or wav is left out and reported in
 reason) and in the summary; the command then exits with status 1.
 """
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -81,12 +82,16 @@ def _state_path(out, setting, filename):
   return os.path.join(out, '.prepare', setting, filename + '.json')
 
 
+@functools.cache
+def _features():
+  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+  return tfds_builder.features()
+
+
 def _write_shard(out, setting, filename, clips, records, errors):
   """Writes one shard atomically, then its state; returns the state."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
-  features = _write_shard.features = (getattr(_write_shard, 'features', None)
-                                      or tfds_builder.features())
+  features = _features()
   path = os.path.join(dataset_dir(out, setting), filename)
   with tf.io.TFRecordWriter(path + '.tmp') as writer:
     for record in records:

@@ -10,9 +10,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import layout
-
-NAME = 'avs_bench'
-VERSION = '1.0.0'
+from data_prep.avsbench import VERSION
 
 _DESCRIPTION = """\
 AVSBench-object (Zhou et al., "Audio-Visual Segmentation", ECCV 2022): 5 s
