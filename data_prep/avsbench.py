@@ -83,6 +83,17 @@ def _state_path(out, setting, filename):
 
 
 @functools.cache
+def _tf():
+  """TensorFlow for TFRecord writing only, kept off any GPU (JAX may own it)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TensorFlow was initialised earlier by the caller.
+    pass
+  return tf
+
+
+@functools.cache
 def _features():
   from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
   return tfds_builder.features()
@@ -90,8 +101,7 @@ def _features():
 
 def _write_shard(out, setting, filename, clips, records, errors):
   """Writes one shard atomically, then its state; returns the state."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  features = _features()
+  tf, features = _tf(), _features()
   path = os.path.join(dataset_dir(out, setting), filename)
   with tf.io.TFRecordWriter(path + '.tmp') as writer:
     for record in records:
@@ -108,6 +118,7 @@ def _write_shard(out, setting, filename, clips, records, errors):
 
 def _write_info(out, setting, plan, states):
   """dataset_info.json and features.json through the TFDS builder."""
+  _tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
   builder = tfds_builder.AvsBench(config=setting, data_dir=out)
