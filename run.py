@@ -8,6 +8,7 @@ r"""avs_jax entry point: train, evaluate or predict with an ml_collections confi
       --config.predict.video=clip.mp4 --config.predict.restore=workdirs/ms3
 """
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -48,18 +49,22 @@ def main(argv):
   name = os.path.splitext(os.path.basename(
       config_flags.get_config_filename(FLAGS['config'])))[0]
   workdir = FLAGS.workdir or os.path.join('workdirs', name)
-  if config.data.synthetic.enabled:
-    demo.ensure_synthetic_data(config)
-  if FLAGS.mode == 'train':
-    train.train_and_evaluate(config, workdir)
+  try:
     if config.data.synthetic.enabled:
-      demo.report(config, workdir)
-  elif FLAGS.mode == 'eval':
-    evaluate.evaluate_checkpoint(config, workdir,
-                                 config.eval.restore or workdir)
-  else:
-    predict.predict_video(config, workdir)
-
+      demo.ensure_synthetic_data(config)
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(config, workdir)
+      if config.data.synthetic.enabled:
+        demo.report(config, workdir)
+    elif FLAGS.mode == 'eval':
+      evaluate.evaluate_checkpoint(config, workdir,
+                                   config.eval.restore or workdir)
+    else:
+      predict.predict_video(config, workdir)
+  except (predict.VideoError, FileNotFoundError, ValueError) as e:
+    # Bad input: one clear line, no traceback.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 if __name__ == '__main__':
   app.run(main)
