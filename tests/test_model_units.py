@@ -256,6 +256,28 @@ def test_tpavi_train_mode_batch_stats(tpavi_inputs, with_audio):
       atol=1e-6)
 
 
+def test_tpavi_init_is_the_reference_identity(tpavi_inputs):
+  """The reference zero-initialises the W_z BatchNorm (weight and bias,
+  `nn.init.constant_(self.W_z[1].weight, 0)`), so a freshly built TPAVI
+  block returns LayerNorm(x): training starts from the plain encoder.
+
+  Known failure (reported): `layers.BatchNorm` initialises `scale` to ones
+  and TPAVI's `W_z_1` uses that default; `model.init` (which training uses)
+  therefore starts every TPAVI block from a random branch.
+  """
+  x, audio = tpavi_inputs
+  x = jnp.asarray(x, jnp.float32)
+  audio = jnp.asarray(audio, jnp.float32)
+  variables = TPAVI('dot').init(jax.random.key(0), x, audio)
+  np.testing.assert_array_equal(variables['params']['W_z_1']['bias'], 0.0)
+  np.testing.assert_array_equal(variables['params']['W_z_1']['scale'], 0.0)
+  z, _ = TPAVI('dot').apply(variables, x, audio)
+  xn = np.asarray(x, np.float64)
+  ln_x = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(
+      xn.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(z, ln_x, rtol=1e-4, atol=1e-4)
+
+
 def test_tpavi_bad_mode():
   with pytest.raises(ValueError, match='mode'):
     TPAVI('cosine').init(jax.random.key(0), jnp.zeros((1, 1, 2, 2, 4)))
