@@ -199,13 +199,8 @@ def test_tpavi_matches_naive_reference(tpavi_inputs, mode, with_audio):
 
 @pytest.mark.parametrize('mode', MODES)
 def test_tpavi_float64_compute_is_float64(tpavi_inputs, mode):
-  """`TPAVI(dtype=float64)` is float64 throughout, softmax included.
-
-  Known failure (reported): avs_jax/models/tpavi.py casts the affinity to
-  float32 before the softmax (`s.astype(jnp.float32)`), which rounds the
-  softmax modes to ~1e-7 even in float64; `jnp.promote_types(self.dtype,
-  jnp.float32)` (as `layers.BatchNorm` does) keeps bf16 -> f32 and f64 as is.
-  """
+  """`TPAVI(dtype=float64)` is float64 throughout, softmax included (a
+  float32 softmax would leave ~1e-7 errors in the softmax modes)."""
   x, audio = tpavi_inputs
   variables = _tpavi_vars(mode, x, audio, seed=1)
   ref, _, _, _ = naive_tpavi(x, audio, torch_layout(variables), mode)
