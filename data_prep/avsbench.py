@@ -15,6 +15,7 @@ a missing or unreadable frame, mask or wav is left out and reported in
 `OUT/errors.jsonl` (one JSON object per clip: setting, split, id, file,
 reason) and in the summary; the command then exits with status 1.
 """
+
 import argparse
 import functools
 import json
@@ -49,7 +50,7 @@ def plan_shards(clips, clips_per_shard):
     if group:
       num = math.ceil(len(group) / clips_per_shard)
       size = math.ceil(len(group) / num)
-      plan[split] = [group[i:i + size] for i in range(0, len(group), size)]
+      plan[split] = [group[i : i + size] for i in range(0, len(group), size)]
   return plan
 
 
@@ -61,7 +62,11 @@ def _load(clip):
     file, reason = e.file, e.reason
   except Exception as e:  # pylint: disable=broad-except
     file, reason = '', f'{type(e).__name__}: {e}'
-  return clip, None, dict(split=clip.split, id=clip.id, file=file, reason=reason)
+  return (
+      clip,
+      None,
+      dict(split=clip.split, id=clip.id, file=file, reason=reason),
+  )
 
 
 def _read_state(out, setting, filename, clips):
@@ -72,8 +77,11 @@ def _read_state(out, setting, filename, clips):
   except (OSError, ValueError):
     return None
   shard = os.path.join(dataset_dir(out, setting), filename)
-  if (state.get('ids') != [c.id for c in clips] or not os.path.isfile(shard)
-      or os.path.getsize(shard) != state.get('num_bytes')):
+  if (
+      state.get('ids') != [c.id for c in clips]
+      or not os.path.isfile(shard)
+      or os.path.getsize(shard) != state.get('num_bytes')
+  ):
     return None
   return state
 
@@ -86,6 +94,7 @@ def _state_path(out, setting, filename):
 def _tf():
   """TensorFlow for TFRecord writing only, kept off any GPU (JAX may own it)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TensorFlow was initialised earlier by the caller.
@@ -96,6 +105,7 @@ def _tf():
 @functools.cache
 def _features():
   from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+
   return tfds_builder.features()
 
 
@@ -107,8 +117,12 @@ def _write_shard(out, setting, filename, clips, records, errors):
     for record in records:
       writer.write(features.serialize_example(record))
   os.replace(path + '.tmp', path)
-  state = dict(ids=[c.id for c in clips], num_examples=len(records),
-               num_bytes=os.path.getsize(path), errors=errors)
+  state = dict(
+      ids=[c.id for c in clips],
+      num_examples=len(records),
+      num_bytes=os.path.getsize(path),
+      errors=errors,
+  )
   state_file = _state_path(out, setting, filename)
   with open(state_file + '.tmp', 'w') as f:
     json.dump(state, f)
@@ -121,12 +135,20 @@ def _write_info(out, setting, plan, states):
   _tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+
   builder = tfds_builder.AvsBench(config=setting, data_dir=out)
-  splits = [tfds.core.SplitInfo(
-      name=split,
-      shard_lengths=[states[split][i]['num_examples'] for i in range(len(shards))],
-      num_bytes=sum(states[split][i]['num_bytes'] for i in range(len(shards))))
-            for split, shards in plan.items()]
+  splits = [
+      tfds.core.SplitInfo(
+          name=split,
+          shard_lengths=[
+              states[split][i]['num_examples'] for i in range(len(shards))
+          ],
+          num_bytes=sum(
+              states[split][i]['num_bytes'] for i in range(len(shards))
+          ),
+      )
+      for split, shards in plan.items()
+  ]
   builder.info.set_splits(tfds.core.SplitDict(splits))
   builder.info.write_to_directory(dataset_dir(out, setting))
 
@@ -137,8 +159,11 @@ def _write_errors(out, setting, errors):
   kept = []
   if os.path.isfile(path):
     with open(path) as f:
-      kept = [line for line in f
-              if line.strip() and json.loads(line).get('setting') != setting]
+      kept = [
+          line
+          for line in f
+          if line.strip() and json.loads(line).get('setting') != setting
+      ]
   with open(path, 'w') as f:
     f.writelines(kept)
     for e in errors:
@@ -148,7 +173,11 @@ def _write_errors(out, setting, errors):
 def _remove_stale(directory, keep):
   """Deletes shards of earlier runs with another shard count."""
   for name in os.listdir(directory):
-    if name.startswith(NAME + '-') and '.tfrecord-' in name and name not in keep:
+    if (
+        name.startswith(NAME + '-')
+        and '.tfrecord-' in name
+        and name not in keep
+    ):
       os.remove(os.path.join(directory, name))
 
 
@@ -160,13 +189,16 @@ def prepare(root, setting, out, *, workers=None, clips_per_shard=64):
   clips = layout.read_clips(root, setting)
   if not clips:
     raise layout.LayoutError(
-        f'{layout.csv_path(root, setting)} lists no train/val/test clip')
+        f'{layout.csv_path(root, setting)} lists no train/val/test clip'
+    )
   plan = plan_shards(clips, clips_per_shard)
   directory = dataset_dir(out, setting)
   os.makedirs(directory, exist_ok=True)
   os.makedirs(os.path.join(out, '.prepare', setting), exist_ok=True)
-  names = {split: [shard_filename(split, i, len(shards)) for i in range(len(shards))]
-           for split, shards in plan.items()}
+  names = {
+      split: [shard_filename(split, i, len(shards)) for i in range(len(shards))]
+      for split, shards in plan.items()
+  }
   _remove_stale(directory, {n for ns in names.values() for n in ns})
 
   # A shard is done when its file and state match and none of its clips failed
@@ -184,38 +216,52 @@ def prepare(root, setting, out, *, workers=None, clips_per_shard=64):
   done = sum(len(plan[s][i]) for s in states for i in states[s])
   jobs = [clip for _, _, shard in todo for clip in shard]
   workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-  with tqdm.tqdm(total=len(clips), initial=done, unit='clip',
-                 desc=f'{setting} clips') as bar:
+  with tqdm.tqdm(
+      total=len(clips), initial=done, unit='clip', desc=f'{setting} clips'
+  ) as bar:
     if jobs:
-      # spawn: the caller may hold threads (JAX, TensorFlow) that fork would copy.
-      pool = (multiprocessing.get_context('spawn').Pool(workers) if workers > 1
-              else None)
+      # spawn: the caller may hold threads (JAX, TF) that fork would copy.
+      pool = (
+          multiprocessing.get_context('spawn').Pool(workers)
+          if workers > 1
+          else None
+      )
       try:
-        results = (pool.imap(_load, jobs, chunksize=1) if pool
-                   else map(_load, jobs))
+        results = (
+            pool.imap(_load, jobs, chunksize=1) if pool else map(_load, jobs)
+        )
         for split, i, shard in todo:
           records, errors = [], []
           for _ in shard:
             _, record, error = next(results)
             if error:
               errors.append(error)
-              bar.write(f'error: {error["id"]}: {error["file"]}: {error["reason"]}')
+              bar.write(
+                  f'error: {error["id"]}: {error["file"]}: {error["reason"]}'
+              )
             else:
               records.append(record)
             bar.update(1)
-          states[split][i] = _write_shard(out, setting, names[split][i], shard,
-                                          records, errors)
+          states[split][i] = _write_shard(
+              out, setting, names[split][i], shard, records, errors
+          )
       finally:
         if pool:
           pool.close()
           pool.join()
 
   _write_info(out, setting, plan, states)
-  errors = [e for split in plan for i in sorted(states[split])
-            for e in states[split][i]['errors']]
+  errors = [
+      e
+      for split in plan
+      for i in sorted(states[split])
+      for e in states[split][i]['errors']
+  ]
   _write_errors(out, setting, errors)
-  counts = {split: sum(s['num_examples'] for s in states[split].values())
-            for split in plan}
+  counts = {
+      split: sum(s['num_examples'] for s in states[split].values())
+      for split in plan
+  }
   return errors, counts
 
 
@@ -228,25 +274,48 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-  parser = _Parser(prog='python -m data_prep.avsbench',
-                   description=__doc__.split('\n')[0])
-  parser.add_argument('--root', required=True,
-                      help='AVSBench-object folder (has Single-source/, Multi-sources/)')
-  parser.add_argument('--setting', required=True, choices=layout.SETTINGS,
-                      help='s4 (Single-source) or ms3 (Multi-sources)')
-  parser.add_argument('--out', required=True,
-                      help='output folder (the data_dir of the input pipeline)')
-  parser.add_argument('--workers', type=int, default=0,
-                      help='reader processes (default: one per CPU core)')
-  parser.add_argument('--clips_per_shard', type=int, default=64,
-                      help='clips per TFRecord shard (default: 64)')
+  parser = _Parser(
+      prog='python -m data_prep.avsbench', description=__doc__.split('\n')[0]
+  )
+  parser.add_argument(
+      '--root',
+      required=True,
+      help='AVSBench-object folder (has Single-source/, Multi-sources/)',
+  )
+  parser.add_argument(
+      '--setting',
+      required=True,
+      choices=layout.SETTINGS,
+      help='s4 (Single-source) or ms3 (Multi-sources)',
+  )
+  parser.add_argument(
+      '--out',
+      required=True,
+      help='output folder (the data_dir of the input pipeline)',
+  )
+  parser.add_argument(
+      '--workers',
+      type=int,
+      default=0,
+      help='reader processes (default: one per CPU core)',
+  )
+  parser.add_argument(
+      '--clips_per_shard',
+      type=int,
+      default=64,
+      help='clips per TFRecord shard (default: 64)',
+  )
   args = parser.parse_args(argv)
   if args.clips_per_shard < 1:
     parser.error('--clips_per_shard must be at least 1')
   try:
-    errors, counts = prepare(args.root, args.setting, args.out,
-                             workers=args.workers or None,
-                             clips_per_shard=args.clips_per_shard)
+    errors, counts = prepare(
+        args.root,
+        args.setting,
+        args.out,
+        workers=args.workers or None,
+        clips_per_shard=args.clips_per_shard,
+    )
   except layout.LayoutError as e:
     print(f'{parser.prog}: error: {e}', file=sys.stderr)
     return 2
@@ -254,11 +323,15 @@ def main(argv=None):
     print(f'{parser.prog}: error: {e}', file=sys.stderr)
     return 2
   written = ', '.join(f'{split} {n}' for split, n in counts.items())
-  print(f'{args.setting}: wrote {written} clips to '
-        f'{dataset_dir(args.out, args.setting)}')
+  print(
+      f'{args.setting}: wrote {written} clips to '
+      f'{dataset_dir(args.out, args.setting)}'
+  )
   if errors:
-    print(f'{len(errors)} clip(s) left out (listed in '
-          f'{os.path.join(args.out, "errors.jsonl")}):')
+    print(
+        f'{len(errors)} clip(s) left out (listed in '
+        f'{os.path.join(args.out, "errors.jsonl")}):'
+    )
     for e in errors:
       print(f'  {e["split"]} {e["id"]}: {e["file"]}: {e["reason"]}')
     return 1

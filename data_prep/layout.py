@@ -16,6 +16,7 @@ Masks are foreground where the grayscale image is >= 128 (0/255 grayscale or
 palette PNGs). The wav files are the audio's source of truth (`audio_log_mel`
 pickles, if present, are not read). No TensorFlow here.
 """
+
 import csv
 import dataclasses
 import io
@@ -46,6 +47,7 @@ class ClipError(Exception):
 @dataclasses.dataclass(frozen=True)
 class Clip:
   """Where one clip's files are. `masks[i]` is None for unlabelled frames."""
+
   id: str
   category: str  # '' for MS3 (it has no category)
   split: str
@@ -67,8 +69,10 @@ def _read_rows(path, required):
       fields = reader.fieldnames or []
       missing = [c for c in required if c not in fields]
       if missing:
-        raise LayoutError(f'{path}: missing column(s) {", ".join(missing)} '
-                          f'(has {", ".join(fields) or "no header"})')
+        raise LayoutError(
+            f'{path}: missing column(s) {", ".join(missing)} '
+            f'(has {", ".join(fields) or "no header"})'
+        )
       return fields, list(reader)
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise LayoutError(f'cannot read {path}: {e}') from e
@@ -81,23 +85,37 @@ def _s4_clip(root, row):
   mask_dir = os.path.join(base, 'gt_masks', split, category, name)
   num_masks = 1 if split == 'train' else NUM_FRAMES
   return Clip(
-      id=name, category=category, split=split,
-      frames=tuple(os.path.join(frame_dir, f'{name}_{i}.png')
-                   for i in range(1, NUM_FRAMES + 1)),
-      masks=tuple(os.path.join(mask_dir, f'{name}_{i}.png')
-                  if i <= num_masks else None for i in range(1, NUM_FRAMES + 1)),
-      wav=os.path.join(base, 'audio_wav', split, category, name + '.wav'))
+      id=name,
+      category=category,
+      split=split,
+      frames=tuple(
+          os.path.join(frame_dir, f'{name}_{i}.png')
+          for i in range(1, NUM_FRAMES + 1)
+      ),
+      masks=tuple(
+          os.path.join(mask_dir, f'{name}_{i}.png') if i <= num_masks else None
+          for i in range(1, NUM_FRAMES + 1)
+      ),
+      wav=os.path.join(base, 'audio_wav', split, category, name + '.wav'),
+  )
 
 
 def _ms3_clip(root, name, split):
   base = os.path.join(root, 'Multi-sources', 'ms3_data')
   return Clip(
-      id=name, category='', split=split,
-      frames=tuple(os.path.join(base, 'visual_frames', name, f'{name}.mp4_{i}.png')
-                   for i in range(1, NUM_FRAMES + 1)),
-      masks=tuple(os.path.join(base, 'gt_masks', split, name, f'{name}_{i}.png')
-                  for i in range(1, NUM_FRAMES + 1)),
-      wav=os.path.join(base, 'audio_wav', split, name + '.wav'))
+      id=name,
+      category='',
+      split=split,
+      frames=tuple(
+          os.path.join(base, 'visual_frames', name, f'{name}.mp4_{i}.png')
+          for i in range(1, NUM_FRAMES + 1)
+      ),
+      masks=tuple(
+          os.path.join(base, 'gt_masks', split, name, f'{name}_{i}.png')
+          for i in range(1, NUM_FRAMES + 1)
+      ),
+      wav=os.path.join(base, 'audio_wav', split, name + '.wav'),
+  )
 
 
 def read_clips(root, setting):
@@ -112,15 +130,20 @@ def read_clips(root, setting):
     raise LayoutError(f'root {root!r} is not a directory')
   path = csv_path(root, setting)
   if not os.path.isfile(path):
-    raise LayoutError(f'{path} not found: is --root the AVSBench-object '
-                      f'directory (holding Single-source/ and Multi-sources/)?')
+    raise LayoutError(
+        f'{path} not found: is --root the AVSBench-object '
+        f'directory (holding Single-source/ and Multi-sources/)?'
+    )
   if setting == 's4':
     _, rows = _read_rows(path, ('name', 'category', 'split'))
     clips = [_s4_clip(root, r) for r in rows if r['split'] in SPLITS]
   else:
     fields, rows = _read_rows(path, ('split',))
-    clips = [_ms3_clip(root, r[fields[0]], r['split'])
-             for r in rows if r['split'] in SPLITS]
+    clips = [
+        _ms3_clip(root, r[fields[0]], r['split'])
+        for r in rows
+        if r['split'] in SPLITS
+    ]
   ids = [c.id for c in clips]
   if len(set(ids)) != len(ids):
     dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -176,8 +199,9 @@ def load_clip(clip):
   frames, sizes = zip(*(read_frame(p) for p in clip.frames))
   masks = []
   for path, (w, h) in zip(clip.masks, sizes):
-    masks.append(_png(np.zeros((h, w), np.uint8)) if path is None
-                 else read_mask(path))
+    masks.append(
+        _png(np.zeros((h, w), np.uint8)) if path is None else read_mask(path)
+    )
   if not os.path.isfile(clip.wav):
     raise ClipError(clip.wav, 'missing audio')
   try:
@@ -185,6 +209,10 @@ def load_clip(clip):
   except Exception as e:  # decoding errors of soundfile/audioread/librosa.
     raise ClipError(clip.wav, f'unreadable audio: {e}') from e
   return dict(
-      id=clip.id, category=clip.category, frames=list(frames), masks=masks,
+      id=clip.id,
+      category=clip.category,
+      frames=list(frames),
+      masks=masks,
       labelled=np.array([p is not None for p in clip.masks]),
-      log_mel=np.asarray(log_mel, np.float32))
+      log_mel=np.asarray(log_mel, np.float32),
+  )

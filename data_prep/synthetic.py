@@ -1,4 +1,4 @@
-r"""Synthetic AVSBench: clips in the AVSBench-object layout, solvable only with audio.
+r"""Synthetic AVSBench: AVSBench-object layout clips that need the audio.
 
 Every clip shows 2-4 objects of distinct classes on a textured background,
 drifting a few pixels per frame. Each class has a look (colour, shape,
@@ -19,10 +19,10 @@ mask t. Masks are the union of the objects sounding in that second. Audio is
   python -m data_prep.synthetic --out /tmp/avsbench_synth --clips 300 \
       --seed 0 --size 96
 """
+
 import argparse
 import csv
 import dataclasses
-import functools
 import multiprocessing
 import os
 import sys
@@ -42,22 +42,25 @@ SPLITS = ('train', 'val', 'test')
 @dataclasses.dataclass(frozen=True)
 class SynthClass:
   """One object class: how it looks and how it sounds."""
+
   name: str
   color: tuple  # RGB uint8
-  shape: str    # circle|square|triangle|diamond|ring|plus|hexagon|cross
+  shape: str  # circle|square|triangle|diamond|ring|plus|hexagon|cross
   texture: str  # solid|stripes|checker
-  sound: str    # chord|pulses|noise|chirp
-  band: tuple   # (low Hz, high Hz), disjoint between classes
+  sound: str  # chord|pulses|noise|chirp
+  band: tuple  # (low Hz, high Hz), disjoint between classes
 
 
 def _mel_bands(num, lo=125.0, hi=7500.0, keep=0.6):
-  """`num` disjoint bands: the central `keep` of equal slices of the mel range."""
+  """`num` disjoint bands: the central `keep` of equal mel-range slices."""
   mel = lambda f: 1127.0 * np.log1p(f / 700.0)
   hz = lambda m: 700.0 * np.expm1(m / 1127.0)
   edges = np.linspace(mel(lo), mel(hi), num + 1)
   width = np.diff(edges)
-  return [(float(hz(e + w * (1 - keep) / 2)), float(hz(e + w * (1 + keep) / 2)))
-          for e, w in zip(edges[:-1], width)]
+  return [
+      (float(hz(e + w * (1 - keep) / 2)), float(hz(e + w * (1 + keep) / 2)))
+      for e, w in zip(edges[:-1], width)
+  ]
 
 
 _LOOKS = (  # name, colour, shape, texture, sound
@@ -70,13 +73,16 @@ _LOOKS = (  # name, colour, shape, texture, sound
     ('orange_hexagon', (250, 140, 15), 'hexagon', 'stripes', 'chirp'),
     ('white_cross', (245, 245, 245), 'cross', 'checker', 'noise'),
 )
-CLASSES = tuple(SynthClass(*look, band=band)
-                for look, band in zip(_LOOKS, _mel_bands(len(_LOOKS))))
+CLASSES = tuple(
+    SynthClass(*look, band=band)
+    for look, band in zip(_LOOKS, _mel_bands(len(_LOOKS)))
+)
 CLASS_BY_NAME = {c.name: c for c in CLASSES}
 
 
 # ----------------------------------------------------------------------------
 # Pictures.
+
 
 def shape_mask(shape, u, v):
   """Inside-test of a unit-radius shape at coordinates `u, v` (any shape)."""
@@ -90,7 +96,7 @@ def shape_mask(shape, u, v):
   if shape == 'diamond':
     return au + av <= 1.0
   if shape == 'ring':
-    return (r2 <= 1.0) & (r2 >= 0.42 ** 2)
+    return (r2 <= 1.0) & (r2 >= 0.42**2)
   if shape == 'plus':
     return ((au <= 0.32) & (av <= 0.95)) | ((av <= 0.32) & (au <= 0.95))
   if shape == 'hexagon':
@@ -116,7 +122,7 @@ def _texture(cls, u, v):
 class _Object:
   cls: SynthClass
   radius: float
-  center: np.ndarray    # [2] (y, x) at frame 0, pixels
+  center: np.ndarray  # [2] (y, x) at frame 0, pixels
   velocity: np.ndarray  # [2] pixels per frame
 
   def at(self, t):
@@ -124,7 +130,7 @@ class _Object:
 
 
 def _place_objects(rng, classes, size):
-  """Non-overlapping drifting objects that stay inside the frame all 5 frames."""
+  """Non-overlapping drifting objects, inside the frame in all 5 frames."""
   objects = []
   times = np.arange(NUM_FRAMES)[:, None]
   for cls in classes:
@@ -137,8 +143,11 @@ def _place_objects(rng, classes, size):
       path = center + times * velocity
       if np.any(path < radius + 1) or np.any(path > size - radius - 1):
         continue
-      if all(np.min(np.linalg.norm(path - (o.center + times * o.velocity), axis=1))
-             >= 1.1 * (radius + o.radius) + 1 for o in objects):
+      if all(
+          np.min(np.linalg.norm(path - (o.center + times * o.velocity), axis=1))
+          >= 1.1 * (radius + o.radius) + 1
+          for o in objects
+      ):
         objects.append(_Object(cls, radius, center, velocity))
         break
   return objects
@@ -167,8 +176,11 @@ def render_clip(rng, objects, size):
       v = (grid[:, None] - cy) / obj.radius
       inside = shape_mask(obj.cls.shape, u, v)
       masks[t, k] = inside
-      img[inside] = _texture(obj.cls, np.broadcast_to(u, inside.shape)[inside],
-                             np.broadcast_to(v, inside.shape)[inside])
+      img[inside] = _texture(
+          obj.cls,
+          np.broadcast_to(u, inside.shape)[inside],
+          np.broadcast_to(v, inside.shape)[inside],
+      )
     img += rng.normal(0.0, 6.0, img.shape).astype(np.float32)
     frames[t] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
   return frames, masks
@@ -176,6 +188,7 @@ def render_clip(rng, objects, size):
 
 # ----------------------------------------------------------------------------
 # Sounds.
+
 
 def _band_noise(rng, lo, hi, n):
   spec = np.fft.rfft(rng.standard_normal(n))
@@ -191,8 +204,10 @@ def class_sound(rng, cls, n=NUM_SAMPLES):
   if cls.sound == 'chord':  # three steady partials spread over the band
     freqs = lo * (hi / lo) ** ((np.arange(3) + 0.5) / 3)
     phases = rng.uniform(0, 2 * np.pi, 3)
-    x = sum(a * np.sin(2 * np.pi * f * t + p)
-            for a, f, p in zip((1.0, 0.7, 0.5), freqs, phases))
+    x = sum(
+        a * np.sin(2 * np.pi * f * t + p)
+        for a, f, p in zip((1.0, 0.7, 0.5), freqs, phases)
+    )
   elif cls.sound == 'noise':  # steady noise band
     x = _band_noise(rng, lo, hi, n)
   elif cls.sound == 'pulses':  # noise band gated at 5 Hz
@@ -215,8 +230,9 @@ def _smooth(x, width):
 
 def segment_of_sample(n=NUM_SAMPLES):
   """int [n]: which second (VGGish example window, 0..4) each sample is in."""
-  return np.minimum(np.arange(n) // round(SEGMENT_SECONDS * SAMPLE_RATE),
-                    NUM_FRAMES - 1)
+  return np.minimum(
+      np.arange(n) // round(SEGMENT_SECONDS * SAMPLE_RATE), NUM_FRAMES - 1
+  )
 
 
 def mix_audio(rng, objects, sounding):
@@ -231,12 +247,17 @@ def mix_audio(rng, objects, sounding):
     if not on.any():
       continue
     gain = 0.1 * rng.uniform(0.7, 1.0)
-    mix += gain * _smooth(on[seg].astype(np.float64), 160) * class_sound(rng, obj.cls)
+    mix += (
+        gain
+        * _smooth(on[seg].astype(np.float64), 160)
+        * class_sound(rng, obj.cls)
+    )
   return np.round(np.clip(mix, -1, 1) * 32767).astype(np.int16)
 
 
 # ----------------------------------------------------------------------------
 # Clips and layout.
+
 
 def sounding_schedule(rng, num_objects, setting):
   """Per second, the set of sounding object indices."""
@@ -250,23 +271,32 @@ def sounding_schedule(rng, num_objects, setting):
 
 
 def make_clip(seed, setting, index, size):
-  """One clip: dict of frames, masks (union of sounding objects), audio, info."""
+  """One clip: frames, masks (union of sounding objects), audio, info."""
   rng = np.random.default_rng([seed, {'s4': 4, 'ms3': 3}[setting], index])
   num = int(rng.integers(2, 5))
   classes = [CLASSES[i] for i in rng.choice(len(CLASSES), num, replace=False)]
   objects = _place_objects(rng, classes, size)
   frames, object_masks = render_clip(rng, objects, size)
   sounding = sounding_schedule(rng, len(objects), setting)
-  masks = np.stack([object_masks[t, sorted(s)].any(axis=0) if s else
-                    np.zeros((size, size), bool) for t, s in enumerate(sounding)])
+  masks = np.stack(
+      [
+          object_masks[t, sorted(s)].any(axis=0)
+          if s
+          else np.zeros((size, size), bool)
+          for t, s in enumerate(sounding)
+      ]
+  )
   return dict(
-      frames=frames, masks=masks, audio=mix_audio(rng, objects, sounding),
+      frames=frames,
+      masks=masks,
+      audio=mix_audio(rng, objects, sounding),
       objects=[o.cls.name for o in objects],
-      sounding=[sorted(objects[k].cls.name for k in s) for s in sounding])
+      sounding=[sorted(objects[k].cls.name for k in s) for s in sounding],
+  )
 
 
 def split_of(index, num_clips):
-  """70/15/15 split by clip index (every split non-empty when num_clips >= 3)."""
+  """70/15/15 split by clip index (no split empty when num_clips >= 3)."""
   num_val = max(1, round(0.15 * num_clips))
   num_train = num_clips - 2 * num_val
   if index < num_train:
@@ -280,7 +310,7 @@ def _save_png(path, array, **kw):
 
 
 def _palette_mask(mask):
-  """Palette ('P') PNG image: index 0 black, 1 white, as MS3 masks are stored."""
+  """Palette ('P') PNG: index 0 black, 1 white, as MS3 masks are stored."""
   img = Image.fromarray(mask.astype(np.uint8), mode='P')
   img.putpalette([0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254)
   return img
@@ -330,16 +360,26 @@ def _write_job(args):
 
 def generate(root, num_clips, seed=0, size=224, workers=None):
   """Writes both subsets of `num_clips` clips each under `root`."""
-  jobs = [(root, seed, setting, i, num_clips, size)
-          for setting in ('s4', 'ms3') for i in range(num_clips)]
+  jobs = [
+      (root, seed, setting, i, num_clips, size)
+      for setting in ('s4', 'ms3')
+      for i in range(num_clips)
+  ]
   workers = workers or os.cpu_count() or 1
   ctx = multiprocessing.get_context('spawn')  # safe beside JAX's threads
   with ctx.Pool(workers) if workers > 1 else _NoPool() as pool:
-    rows = list(tqdm.tqdm(pool.imap(_write_job, jobs, chunksize=4),
-                          total=len(jobs), desc='synthetic clips', unit='clip'))
+    rows = list(
+        tqdm.tqdm(
+            pool.imap(_write_job, jobs, chunksize=4),
+            total=len(jobs),
+            desc='synthetic clips',
+            unit='clip',
+        )
+    )
   for setting, sub, fields in (
       ('s4', 'Single-source', ['name', 'start_time', 'category', 'split']),
-      ('ms3', 'Multi-sources', ['video_id', 'split'])):
+      ('ms3', 'Multi-sources', ['video_id', 'split']),
+  ):
     path = os.path.join(root, sub, f'{setting}_meta_data.csv')
     with open(path, 'w', newline='') as f:
       writer = csv.DictWriter(f, fields + ['objects', 'sounding'])
@@ -349,6 +389,7 @@ def generate(root, num_clips, seed=0, size=224, workers=None):
 
 class _NoPool:
   """In-process stand-in for multiprocessing.Pool (workers=1)."""
+
   imap = staticmethod(lambda fn, it, chunksize=1: map(fn, it))
 
   def __enter__(self):
@@ -360,24 +401,42 @@ class _NoPool:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog='python -m data_prep.synthetic', description=__doc__.split('\n')[0])
-  parser.add_argument('--out', required=True,
-                      help='root directory to write (the AVSBench-object layout)')
-  parser.add_argument('--clips', type=int, default=300,
-                      help='clips per subset (Single-source and Multi-sources), >= 3')
+      prog='python -m data_prep.synthetic', description=__doc__.split('\n')[0]
+  )
+  parser.add_argument(
+      '--out',
+      required=True,
+      help='root directory to write (the AVSBench-object layout)',
+  )
+  parser.add_argument(
+      '--clips',
+      type=int,
+      default=300,
+      help='clips per subset (Single-source and Multi-sources), >= 3',
+  )
   parser.add_argument('--seed', type=int, default=0, help='random seed')
-  parser.add_argument('--size', type=int, default=224,
-                      help='frame height and width in pixels, >= 32')
-  parser.add_argument('--workers', type=int, default=0,
-                      help='processes (default: all CPU cores)')
+  parser.add_argument(
+      '--size',
+      type=int,
+      default=224,
+      help='frame height and width in pixels, >= 32',
+  )
+  parser.add_argument(
+      '--workers',
+      type=int,
+      default=0,
+      help='processes (default: all CPU cores)',
+  )
   args = parser.parse_args(argv)
   if args.clips < 3:
     parser.exit(2, 'error: --clips must be at least 3 (one clip per split)\n')
   if args.size < 32:
     parser.exit(2, 'error: --size must be at least 32 pixels\n')
   generate(args.out, args.clips, args.seed, args.size, args.workers or None)
-  print(f'wrote {args.clips} Single-source and {args.clips} Multi-sources clips '
-        f'({args.size}x{args.size}) to {args.out}')
+  print(
+      f'wrote {args.clips} Single-source and {args.clips} Multi-sources clips '
+      f'({args.size}x{args.size}) to {args.out}'
+  )
 
 
 if __name__ == '__main__':

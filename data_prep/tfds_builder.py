@@ -1,9 +1,10 @@
-"""TFDS builder `avs_bench` (configs `s4`, `ms3`) over a manual AVSBench download.
+"""TFDS builder `avs_bench` (configs `s4`, `ms3`) of a manual AVSBench copy.
 
 `python -m data_prep.avsbench` writes the same dataset in parallel, resumably
 and with an error report; this builder also lets `tfds build` do it and gives
 `tfds.load('avs_bench/ms3', data_dir=OUT)` the feature specification.
 """
+
 from absl import logging
 from etils import epath
 import numpy as np
@@ -37,24 +38,35 @@ _CITATION = """\
 def features():
   """The feature specification of one clip."""
   f = tfds.features
-  return f.FeaturesDict({
-      'id': f.Text(),
-      'category': f.Text(),
-      'frames': f.Sequence(f.Image(shape=(None, None, 3), encoding_format='png'),
-                           length=layout.NUM_FRAMES),
-      'masks': f.Sequence(f.Image(shape=(None, None, 1), encoding_format='png'),
-                          length=layout.NUM_FRAMES),
-      'labelled': f.Tensor(shape=(layout.NUM_FRAMES,), dtype=np.bool_),
-      'log_mel': f.Tensor(shape=(layout.NUM_FRAMES, 96, 64), dtype=np.float32,
-                          encoding=f.Encoding.BYTES),
-  })
+  return f.FeaturesDict(
+      {
+          'id': f.Text(),
+          'category': f.Text(),
+          'frames': f.Sequence(
+              f.Image(shape=(None, None, 3), encoding_format='png'),
+              length=layout.NUM_FRAMES,
+          ),
+          'masks': f.Sequence(
+              f.Image(shape=(None, None, 1), encoding_format='png'),
+              length=layout.NUM_FRAMES,
+          ),
+          'labelled': f.Tensor(shape=(layout.NUM_FRAMES,), dtype=np.bool_),
+          'log_mel': f.Tensor(
+              shape=(layout.NUM_FRAMES, 96, 64),
+              dtype=np.float32,
+              encoding=f.Encoding.BYTES,
+          ),
+      }
+  )
 
 
 class AvsBench(tfds.core.GeneratorBasedBuilder):
   """AVSBench-object, S4 and MS3 settings."""
 
   VERSION = tfds.core.Version(VERSION)
-  RELEASE_NOTES = {str(VERSION): 'Frames, masks, labelled flags, VGGish log-mel.'}
+  RELEASE_NOTES = {
+      str(VERSION): 'Frames, masks, labelled flags, VGGish log-mel.'
+  }
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name='s4', description='Single-source (S4).'),
       tfds.core.BuilderConfig(name='ms3', description='Multi-sources (MS3).'),
@@ -76,13 +88,22 @@ class AvsBench(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self, description=_DESCRIPTION, features=features(),
-        homepage='https://opennlplab.github.io/AVSBench/', citation=_CITATION)
+        builder=self,
+        description=_DESCRIPTION,
+        features=features(),
+        homepage='https://opennlplab.github.io/AVSBench/',
+        citation=_CITATION,
+    )
 
   def _split_generators(self, dl_manager):
-    clips = layout.read_clips(str(dl_manager.manual_dir), self.builder_config.name)
-    return {split: self._generate_examples([c for c in clips if c.split == split])
-            for split in layout.SPLITS if any(c.split == split for c in clips)}
+    clips = layout.read_clips(
+        str(dl_manager.manual_dir), self.builder_config.name
+    )
+    return {
+        split: self._generate_examples([c for c in clips if c.split == split])
+        for split in layout.SPLITS
+        if any(c.split == split for c in clips)
+    }
 
   def _generate_examples(self, clips):
     for clip in clips:

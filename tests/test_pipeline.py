@@ -1,4 +1,5 @@
-"""avs_jax.data: batches against the source files, eval coverage, train order, state."""
+"""avs_jax.data: batches vs source files, eval coverage, train order, state."""
+
 import csv
 import gc
 import os
@@ -28,7 +29,9 @@ def env(tmp_path_factory):
   root, out = str(base / 'root'), str(base / 'out')
   synthetic.generate(root, CLIPS, seed=5, size=SIZE, workers=1)
   for setting in ('s4', 'ms3'):
-    errors, _ = avsbench.prepare(root, setting, out, workers=1, clips_per_shard=3)
+    errors, _ = avsbench.prepare(
+        root, setting, out, workers=1, clips_per_shard=3
+    )
     assert not errors
   yield dict(root=root, out=out)
   gc.collect()  # frees grain's shared-memory batches before exit
@@ -41,8 +44,10 @@ def rows(root, setting, split):
 
 
 def ids(root, setting, split):
-  return sorted(r['name' if setting == 's4' else 'video_id']
-                for r in rows(root, setting, split))
+  return sorted(
+      r['name' if setting == 's4' else 'video_id']
+      for r in rows(root, setting, split)
+  )
 
 
 def take(ds, n):
@@ -66,22 +71,39 @@ def source(root, setting, row, i):
     frame = f'{base}/visual_frames/{n}/{n}.mp4_{i + 1}.png'
     mask = f'{base}/gt_masks/{s}/{n}/{n}_{i + 1}.png'
     wav = f'{base}/audio_wav/{s}/{n}.wav'
-  return Image.open(frame).convert('RGB'), (
-      Image.open(mask).convert('L') if os.path.exists(mask) else None), wav
+  return (
+      Image.open(frame).convert('RGB'),
+      (Image.open(mask).convert('L') if os.path.exists(mask) else None),
+      wav,
+  )
 
 
-@pytest.mark.parametrize('setting,split,image_size', [
-    ('ms3', 'val', SIZE), ('ms3', 'test', (32, 24)), ('s4', 'train', 32)])
+@pytest.mark.parametrize(
+    'setting,split,image_size',
+    [('ms3', 'val', SIZE), ('ms3', 'test', (32, 24)), ('s4', 'train', 32)],
+)
 def test_batches_match_source_files(env, setting, split, image_size):
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-  by_id = {r['name' if setting == 's4' else 'video_id']: r
-           for r in rows(env['root'], setting, split)}
-  batches = list(data.eval_dataset(env['out'], setting, split, batch_size=2,
-                                   image_size=image_size, process_index=0,
-                                   process_count=1))
+  by_id = {
+      r['name' if setting == 's4' else 'video_id']: r
+      for r in rows(env['root'], setting, split)
+  }
+  batches = list(
+      data.eval_dataset(
+          env['out'],
+          setting,
+          split,
+          batch_size=2,
+          image_size=image_size,
+          process_index=0,
+          process_count=1,
+      )
+  )
   seen = []
   for b in batches:
-    assert b['frames'].shape == (2, 5, h, w, 3) and b['frames'].dtype == np.float32
+    assert (
+        b['frames'].shape == (2, 5, h, w, 3) and b['frames'].dtype == np.float32
+    )
     assert b['masks'].shape == (2, 5, h, w) and b['masks'].dtype == np.float32
     assert b['log_mel'].shape == (2, 5, 96, 64) and b['labelled'].dtype == bool
     for j, clip_id in enumerate(b['id']):
@@ -93,28 +115,49 @@ def test_batches_match_source_files(env, setting, split, image_size):
       for i in range(5):
         frame, mask, wav = source(env['root'], setting, row, i)
         want = np.asarray(frame.resize((w, h), Image.BILINEAR), np.float32)
-        np.testing.assert_allclose(b['frames'][j, i], (want / 255 - MEAN) / STD,
-                                   atol=1e-5)
-        labelled = mask is not None and not (setting == 's4' and split == 'train'
-                                             and i > 0)
+        np.testing.assert_allclose(
+            b['frames'][j, i], (want / 255 - MEAN) / STD, atol=1e-5
+        )
+        labelled = mask is not None and not (
+            setting == 's4' and split == 'train' and i > 0
+        )
         assert b['labelled'][j, i] == labelled
-        want = (np.asarray(mask.resize((w, h), Image.NEAREST)) >= 128
-                if labelled else np.zeros((h, w)))
+        want = (
+            np.asarray(mask.resize((w, h), Image.NEAREST)) >= 128
+            if labelled
+            else np.zeros((h, w))
+        )
         np.testing.assert_array_equal(b['masks'][j, i], want)
-      np.testing.assert_allclose(b['log_mel'][j], audio.clip_examples(wav),
-                                 atol=1e-5)
+      np.testing.assert_allclose(
+          b['log_mel'][j], audio.clip_examples(wav), atol=1e-5
+      )
   assert sorted(seen) == sorted(by_id)
 
 
 @pytest.mark.parametrize('count', [1, 2, 3])
 def test_eval_covers_every_clip_once(env, count):
-  per_process = [list(data.eval_dataset(env['out'], 'ms3', 'train', batch_size=2,
-                                        image_size=32, process_index=p,
-                                        process_count=count))
-                 for p in range(count)]
+  per_process = [
+      list(
+          data.eval_dataset(
+              env['out'],
+              'ms3',
+              'train',
+              batch_size=2,
+              image_size=32,
+              process_index=p,
+              process_count=count,
+          )
+      )
+      for p in range(count)
+  ]
   assert len({len(b) for b in per_process}) == 1  # same number of batches
-  valid = [i for batches in per_process for b in batches
-           for i, v in zip(b['id'], b['valid']) if v]
+  valid = [
+      i
+      for batches in per_process
+      for b in batches
+      for i, v in zip(b['id'], b['valid'])
+      if v
+  ]
   assert sorted(valid) == ids(env['root'], 'ms3', 'train')
   for batches in per_process:
     for b in batches:
@@ -131,7 +174,8 @@ def test_eval_order_fixed_whatever_the_workers(env):
   b = list(data.eval_dataset(env['out'], 'ms3', 'train', num_workers=2, **kw))
   assert [list(x['id']) for x in a] == [list(x['id']) for x in b]
   assert [i for x in a for i, v in zip(x['id'], x['valid']) if v] == ids(
-      env['root'], 'ms3', 'train')
+      env['root'], 'ms3', 'train'
+  )
   for x, y in zip(a, b):
     for k in ('frames', 'masks', 'log_mel', 'valid'):
       np.testing.assert_array_equal(x[k], y[k])
@@ -140,8 +184,12 @@ def test_eval_order_fixed_whatever_the_workers(env):
 
 
 def train(env, **kw):
-  kw = dict(dict(batch_size=2, image_size=32, seed=0, process_index=0,
-                 process_count=1), **kw)
+  kw = dict(
+      dict(
+          batch_size=2, image_size=32, seed=0, process_index=0, process_count=1
+      ),
+      **kw,
+  )
   return data.train_dataset(env['out'], 'ms3', **kw)
 
 
@@ -150,9 +198,12 @@ def test_train_is_deterministic_and_reshuffled_each_epoch(env):
   assert first == [list(b['id']) for b in take(train(env), 6)]
   assert first != [list(b['id']) for b in take(train(env, seed=1), 6)]
   # Chained shards and a window of one epoch: each 8 clips are one epoch.
-  stream = [i for b in take(train(env, cycle_length=1, shuffle_window=8), 12)
-            for i in b['id']]
-  epochs = [stream[k:k + 8] for k in range(0, 24, 8)]
+  stream = [
+      i
+      for b in take(train(env, cycle_length=1, shuffle_window=8), 12)
+      for i in b['id']
+  ]
+  epochs = [stream[k : k + 8] for k in range(0, 24, 8)]
   all_ids = ids(env['root'], 'ms3', 'train')
   assert all(sorted(e) == all_ids for e in epochs)
   assert len({tuple(e) for e in epochs}) == 3
@@ -162,8 +213,14 @@ def test_train_is_deterministic_and_reshuffled_each_epoch(env):
 
 @pytest.mark.parametrize('count', [2, 4])  # 3 shards: by shard, then by record
 def test_train_splits_clips_across_processes(env, count):
-  seen = [{i for b in take(train(env, process_index=p, process_count=count), 8)
-           for i in b['id']} for p in range(count)]
+  seen = [
+      {
+          i
+          for b in take(train(env, process_index=p, process_count=count), 8)
+          for i in b['id']
+      }
+      for p in range(count)
+  ]
   for p in range(count):
     for q in range(p):
       assert not seen[p] & seen[q]
@@ -199,24 +256,33 @@ def test_restored_iterator_yields_the_same_batches(env, workers):
 
 def test_grain_checkpoint_handler_round_trip(env, tmp_path):
   import etils.epath  # pylint: disable=g-import-not-at-top
+
   it = iter(train(env))
   next(it)
   grain.checkpoint.CheckpointHandler().save(etils.epath.Path(tmp_path), item=it)
   expected = [next(it) for _ in range(3)]
   restored = iter(train(env))
-  grain.checkpoint.CheckpointHandler().restore(etils.epath.Path(tmp_path),
-                                               item=restored)
+  grain.checkpoint.CheckpointHandler().restore(
+      etils.epath.Path(tmp_path), item=restored
+  )
   assert_same_batches([next(restored) for _ in range(3)], expected)
 
 
 def test_pipeline_does_not_import_tensorflow(env):
-  code = ('import sys; from avs_jax import data; '
-          f'it = iter(data.train_dataset({env["out"]!r}, "s4", batch_size=2, '
-          'image_size=32, seed=0, process_index=0, process_count=1)); '
-          'next(it); it.close(); '
-          'assert "tensorflow" not in sys.modules, "tensorflow imported"')
-  run = subprocess.run([sys.executable, '-c', code], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+  code = (
+      'import sys; from avs_jax import data; '
+      f'it = iter(data.train_dataset({env["out"]!r}, "s4", batch_size=2, '
+      'image_size=32, seed=0, process_index=0, process_count=1)); '
+      'next(it); it.close(); '
+      'assert "tensorflow" not in sys.modules, "tensorflow imported"'
+  )
+  run = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert run.returncode == 0, run.stderr[-2000:]
 
 
@@ -224,8 +290,15 @@ def test_bad_requests(env, tmp_path):
   with pytest.raises(FileNotFoundError, match='data_prep.avsbench'):
     data.num_examples(str(tmp_path), 'ms3', 'train')
   with pytest.raises(ValueError, match='split'):
-    data.eval_dataset(env['out'], 'ms3', 'dev', batch_size=2, image_size=32,
-                      process_index=0, process_count=1)
+    data.eval_dataset(
+        env['out'],
+        'ms3',
+        'dev',
+        batch_size=2,
+        image_size=32,
+        process_index=0,
+        process_count=1,
+    )
   with pytest.raises(ValueError, match='batch_size'):
     train(env, batch_size=16)
 
@@ -234,7 +307,10 @@ def test_random_access_is_thread_safe(env):
   """grain reads a MapDataset with many threads: records must not get mixed."""
   from concurrent import futures  # pylint: disable=g-import-not-at-top
   from avs_jax.data import records  # pylint: disable=g-import-not-at-top
-  source = records.TFRecordSource(*records.split_files(env['out'], 'ms3', 'train'))
+
+  source = records.TFRecordSource(
+      *records.split_files(env['out'], 'ms3', 'train')
+  )
   expected = [source[i] for i in range(len(source))]
   order = np.random.default_rng(0).integers(0, len(source), 2000)
   with futures.ThreadPoolExecutor(8) as pool:

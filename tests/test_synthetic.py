@@ -1,4 +1,5 @@
-"""Synthetic AVSBench: layout, determinism, and that the audio decides the mask."""
+"""Synthetic AVSBench: layout, determinism; the audio decides the mask."""
+
 import csv
 import hashlib
 import os
@@ -26,7 +27,9 @@ def root(tmp_path_factory):
 
 def read_csv(root, setting):
   sub = 'Single-source' if setting == 's4' else 'Multi-sources'
-  with open(os.path.join(root, sub, f'{setting}_meta_data.csv'), newline='') as f:
+  with open(
+      os.path.join(root, sub, f'{setting}_meta_data.csv'), newline=''
+  ) as f:
     return list(csv.DictReader(f))
 
 
@@ -35,16 +38,24 @@ def clip_files(root, setting, row):
   if setting == 's4':
     name, cat, split = row['name'], row['category'], row['split']
     base = f'{root}/Single-source/s4_data'
-    frames = [f'{base}/visual_frames/{split}/{cat}/{name}/{name}_{i}.png'
-              for i in range(1, 6)]
+    frames = [
+        f'{base}/visual_frames/{split}/{cat}/{name}/{name}_{i}.png'
+        for i in range(1, 6)
+    ]
     n = 1 if split == 'train' else 5
-    masks = [f'{base}/gt_masks/{split}/{cat}/{name}/{name}_{i}.png'
-             for i in range(1, n + 1)]
+    masks = [
+        f'{base}/gt_masks/{split}/{cat}/{name}/{name}_{i}.png'
+        for i in range(1, n + 1)
+    ]
     return frames, masks, f'{base}/audio_wav/{split}/{cat}/{name}.wav'
   name, split = row['video_id'], row['split']
   base = f'{root}/Multi-sources/ms3_data'
-  frames = [f'{base}/visual_frames/{name}/{name}.mp4_{i}.png' for i in range(1, 6)]
-  masks = [f'{base}/gt_masks/{split}/{name}/{name}_{i}.png' for i in range(1, 6)]
+  frames = [
+      f'{base}/visual_frames/{name}/{name}.mp4_{i}.png' for i in range(1, 6)
+  ]
+  masks = [
+      f'{base}/gt_masks/{split}/{name}/{name}_{i}.png' for i in range(1, 6)
+  ]
   return frames, masks, f'{base}/audio_wav/{split}/{name}.wav'
 
 
@@ -59,7 +70,9 @@ def near(img, color, tol=40):
 @pytest.mark.parametrize('setting', ['s4', 'ms3'])
 def test_layout_and_splits(root, setting):
   rows = read_csv(root, setting)
-  assert [r['split'] for r in rows] == ['train'] * 6 + ['val'] * 2 + ['test'] * 2
+  assert [r['split'] for r in rows] == ['train'] * 6 + ['val'] * 2 + [
+      'test'
+  ] * 2
   id_col = 'name' if setting == 's4' else 'video_id'
   assert list(rows[0])[0] == id_col and 'split' in rows[0]
   for row in rows:
@@ -166,8 +179,18 @@ def test_classes_are_distinct():
 
 def test_cli_rejects_too_few_clips(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'data_prep.synthetic', '--out', str(tmp_path),
-       '--clips', '2'], capture_output=True, text=True,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      [
+          sys.executable,
+          '-m',
+          'data_prep.synthetic',
+          '--out',
+          str(tmp_path),
+          '--clips',
+          '2',
+      ],
+      capture_output=True,
+      text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert proc.returncode == 2
   assert proc.stderr.strip().count('\n') == 0 and 'clips' in proc.stderr

@@ -5,11 +5,17 @@
 
 No TensorFlow: records are parsed with protobuf and decoded with PIL.
 """
+
 from avs_jax.data.pipeline import eval_dataset
 from avs_jax.data.pipeline import num_examples
 from avs_jax.data.pipeline import train_dataset
 from avs_jax.data.records import IMAGENET_MEAN
 from avs_jax.data.records import IMAGENET_STD
 
-__all__ = ['train_dataset', 'eval_dataset', 'num_examples', 'IMAGENET_MEAN',
-           'IMAGENET_STD']
+__all__ = [
+    'train_dataset',
+    'eval_dataset',
+    'num_examples',
+    'IMAGENET_MEAN',
+    'IMAGENET_STD',
+]

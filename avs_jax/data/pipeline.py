@@ -17,6 +17,7 @@ Every batch is a dict of NumPy arrays: frames float32 [B, 5, H, W, 3]
 [B, 5, H, W] in {0, 1}, labelled bool [B, 5], valid bool [B], id and
 category str [B] (keep those two off the device).
 """
+
 import functools
 
 from absl import flags
@@ -28,10 +29,17 @@ from avs_jax.data import records
 def _process(process_index, process_count):
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+
+    process_index = (
+        jax.process_index() if process_index is None else process_index
+    )
+    process_count = (
+        jax.process_count() if process_count is None else process_count
+    )
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    raise ValueError(
+        f'process_index {process_index} not in [0, {process_count})'
+    )
   return process_index, process_count
 
 
@@ -54,9 +62,14 @@ def _open_shard(shard, *, process_index, process_count):
   ds = grain.experimental.TFRecordIterDataset(path)
   if strided:
     ds = ds.map_with_index(_with_index)
-    ds = ds.filter(functools.partial(_keep, offset=offset,
-                                     process_index=process_index,
-                                     process_count=process_count))
+    ds = ds.filter(
+        functools.partial(
+            _keep,
+            offset=offset,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    )
     ds = ds.map(_second)
   return ds
 
@@ -72,7 +85,7 @@ class _Decode(grain.transforms.Map):
 
 
 class _ReadAndDecode(_Decode):
-  """Evaluation: clip position -> decoded clip; a position past the end -> padding."""
+  """Evaluation: clip position -> decoded clip; past the end -> padding."""
 
   def __init__(self, source, image_size):
     super().__init__(image_size)
@@ -94,9 +107,19 @@ def _prefetch(ds, num_workers):
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
-def train_dataset(data_dir, setting, *, batch_size, image_size, seed,
-                  num_workers=0, process_index=None, process_count=None,
-                  shuffle_window=256, cycle_length=4):
+def train_dataset(
+    data_dir,
+    setting,
+    *,
+    batch_size,
+    image_size,
+    seed,
+    num_workers=0,
+    process_index=None,
+    process_count=None,
+    shuffle_window=256,
+    cycle_length=4,
+):
   """Infinite training batches of this process (per-process batch_size).
 
   Shards are split across processes (shard k -> process k % count); with
@@ -112,34 +135,57 @@ def train_dataset(data_dir, setting, *, batch_size, image_size, seed,
     shards = [(p, o, True) for p, o in zip(paths, offsets)]
     available = len(range(process_index, sum(lengths), process_count))
   else:
-    shards = [(p, o, False) for p, o in zip(paths, offsets)][process_index::process_count]
+    shards = [(p, o, False) for p, o in zip(paths, offsets)][
+        process_index::process_count
+    ]
     available = sum(lengths[process_index::process_count])
   if available < batch_size:
-    raise ValueError(f'process {process_index} of {process_count} gets {available} '
-                     f'training clips, fewer than batch_size={batch_size}')
+    raise ValueError(
+        f'process {process_index} of {process_count} gets {available} '
+        f'training clips, fewer than batch_size={batch_size}'
+    )
   ds = grain.MapDataset.source(shards).shuffle(seed=seed).repeat()
-  ds = ds.map(functools.partial(_open_shard, process_index=process_index,
-                                process_count=process_count))
+  ds = ds.map(
+      functools.partial(
+          _open_shard, process_index=process_index, process_count=process_count
+      )
+  )
   ds = grain.experimental.InterleaveIterDataset(
-      ds, cycle_length=max(1, min(cycle_length, len(shards))))
+      ds, cycle_length=max(1, min(cycle_length, len(shards)))
+  )
   ds = grain.experimental.WindowShuffleIterDataset(
-      ds, window_size=shuffle_window, seed=seed)
+      ds, window_size=shuffle_window, seed=seed
+  )
   ds = ds.map(_Decode(image_size)).batch(batch_size, drop_remainder=True)
   return _prefetch(ds, num_workers)
 
 
-def eval_dataset(data_dir, setting, split, *, batch_size, image_size,
-                 num_workers=0, process_index=None, process_count=None):
+def eval_dataset(
+    data_dir,
+    setting,
+    split,
+    *,
+    batch_size,
+    image_size,
+    num_workers=0,
+    process_index=None,
+    process_count=None,
+):
   """This process's evaluation batches: fixed order, finite, padded.
 
   All processes yield ceil(N / (batch_size * process_count)) full batches;
   `valid` is False on padding.
   """
   process_index, process_count = _process(process_index, process_count)
-  source = records.TFRecordSource(*records.split_files(data_dir, setting, split))
-  positions = records.eval_positions(len(source), batch_size, process_index,
-                                     process_count)
-  ds = grain.MapDataset.source(positions).map(_ReadAndDecode(source, image_size))
+  source = records.TFRecordSource(
+      *records.split_files(data_dir, setting, split)
+  )
+  positions = records.eval_positions(
+      len(source), batch_size, process_index, process_count
+  )
+  ds = grain.MapDataset.source(positions).map(
+      _ReadAndDecode(source, image_size)
+  )
   ds = ds.batch(batch_size)
   return _prefetch(ds.to_iter_dataset(), num_workers)
 

@@ -4,6 +4,7 @@
 lives in `data_dir/avs_bench/{setting}/1.0.0/` (a TFDS dataset: TFRecord
 shards + dataset_info.json). Decoding uses PIL and NumPy only.
 """
+
 import io
 import json
 import math
@@ -27,13 +28,19 @@ def dataset_dir(data_dir, setting):
   if os.path.isfile(os.path.join(data_dir, 'dataset_info.json')):
     return data_dir
   base = os.path.join(data_dir, NAME, setting)
-  versions = sorted((d for d in (os.listdir(base) if os.path.isdir(base) else [])
-                     if os.path.isfile(os.path.join(base, d, 'dataset_info.json'))),
-                    key=lambda v: tuple(int(x) for x in v.split('.')))
+  versions = sorted(
+      (
+          d
+          for d in (os.listdir(base) if os.path.isdir(base) else [])
+          if os.path.isfile(os.path.join(base, d, 'dataset_info.json'))
+      ),
+      key=lambda v: tuple(int(x) for x in v.split('.')),
+  )
   if not versions:
     raise FileNotFoundError(
         f'no prepared {setting!r} dataset under {data_dir!r} (expected '
-        f'{base}/<version>/dataset_info.json; run python -m data_prep.avsbench)')
+        f'{base}/<version>/dataset_info.json; run python -m data_prep.avsbench)'
+    )
   return os.path.join(base, versions[-1])
 
 
@@ -44,12 +51,18 @@ def split_files(data_dir, setting, split):
     info = json.load(f)
   splits = {s['name']: s for s in info.get('splits', [])}
   if split not in splits:
-    raise ValueError(f'split {split!r} not in {directory} (has {sorted(splits)})')
+    raise ValueError(
+        f'split {split!r} not in {directory} (has {sorted(splits)})'
+    )
   lengths = [int(n) for n in splits[split].get('shardLengths', [])]
   name = info.get('name', NAME)
   fmt = info.get('fileFormat', 'tfrecord')
-  paths = [os.path.join(directory, f'{name}-{split}.{fmt}-{i:05d}-of-{len(lengths):05d}')
-           for i in range(len(lengths))]
+  paths = [
+      os.path.join(
+          directory, f'{name}-{split}.{fmt}-{i:05d}-of-{len(lengths):05d}'
+      )
+      for i in range(len(lengths))
+  ]
   return paths, lengths
 
 
@@ -92,8 +105,10 @@ class TFRecordSource:
       if start != size:
         raise ValueError(f'{path}: truncated TFRecord (ends mid-record)')
       if lengths is not None and count != lengths[k]:
-        raise ValueError(f'{path}: {count} records, dataset_info.json says '
-                         f'{lengths[k]} (re-run python -m data_prep.avsbench)')
+        raise ValueError(
+            f'{path}: {count} records, dataset_info.json says '
+            f'{lengths[k]} (re-run python -m data_prep.avsbench)'
+        )
     self._fds = {}  # file number -> OS file descriptor, opened lazily
     self._lock = threading.Lock()
 
@@ -114,7 +129,9 @@ class TFRecordSource:
     return data
 
   def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k not in ('_fds', '_lock')}
+    return {
+        k: v for k, v in self.__dict__.items() if k not in ('_fds', '_lock')
+    }
 
   def __setstate__(self, state):
     self.__dict__.update(state, _fds={}, _lock=threading.Lock())
@@ -158,9 +175,13 @@ def decode(raw, image_size):
       frames=frames * scale - IMAGENET_MEAN / IMAGENET_STD,
       masks=(masks > 0).astype(np.float32),
       labelled=np.array(ex['labelled'], bool),
-      log_mel=np.frombuffer(ex['log_mel'][0], '<f4').reshape(NUM_FRAMES, 96, 64).copy(),
+      log_mel=np.frombuffer(ex['log_mel'][0], '<f4')
+      .reshape(NUM_FRAMES, 96, 64)
+      .copy(),
       valid=np.array(True),
-      id=ex['id'][0].decode(), category=ex['category'][0].decode())
+      id=ex['id'][0].decode(),
+      category=ex['category'][0].decode(),
+  )
 
 
 def padding(image_size):
@@ -171,15 +192,19 @@ def padding(image_size):
       masks=np.zeros((NUM_FRAMES, h, w), np.float32),
       labelled=np.zeros(NUM_FRAMES, bool),
       log_mel=np.zeros((NUM_FRAMES, 96, 64), np.float32),
-      valid=np.array(False), id='', category='')
+      valid=np.array(False),
+      id='',
+      category='',
+  )
 
 
 def eval_positions(num, batch_size, process_index, process_count):
-  """This process's global clip positions in evaluation order; >= num is padding.
+  """This process's clip positions, in evaluation order; >= num: padding.
 
   Global position p goes to process p % process_count; every process gets
   ceil(num / (batch_size * process_count)) full batches.
   """
   steps = math.ceil(num / (batch_size * process_count))
-  return list(range(process_index, steps * batch_size * process_count,
-                    process_count))
+  return list(
+      range(process_index, steps * batch_size * process_count, process_count)
+  )
