@@ -24,8 +24,9 @@ class ASPP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    init = nn.initializers.normal(0.01)  # the reference's init of these
     return sum(conv(self.channels, 3, 1, d, d, dtype=self.dtype,
-                    name=f'conv2d_list_{i}')(x)
+                    kernel_init=init, name=f'conv2d_list_{i}')(x)
                for i, d in enumerate(DILATIONS))
 
 

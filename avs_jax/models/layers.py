@@ -24,11 +24,12 @@ class BatchNorm(nn.Module):
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  scale_init: Any = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    scale = self.param('scale', self.scale_init, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
@@ -74,13 +75,14 @@ class Conv1x1(nn.Module):
 
 
 def conv(features, kernel, stride=1, padding=0, dilation=1, use_bias=True,
-         groups=1, dtype=jnp.float32, name=None):
+         groups=1, dtype=jnp.float32, name=None,
+         kernel_init=nn.initializers.lecun_normal()):
   """`nn.Conv` configured like `torch.nn.Conv2d` (symmetric explicit padding)."""
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=[(padding, padding)] * 2,
                  kernel_dilation=(dilation, dilation), use_bias=use_bias,
                  feature_group_count=groups, dtype=dtype,
-                 param_dtype=jnp.float32, name=name)
+                 param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
 
 
 def _interp_matrix(n_in, n_out, align_corners):

@@ -97,5 +97,7 @@ class TPAVI(nn.Module):
 
     y = y.reshape(b, t, h, w, ci)
     w_y = Conv1x1(c, 3, self.dtype, name='W_z_0')(y)
-    w_y = BatchNorm(not self.train, dtype=self.dtype, name='W_z_1')(w_y)
+    # Zero-initialised as in the reference: a new block is LayerNorm(x).
+    w_y = BatchNorm(not self.train, dtype=self.dtype,
+                    scale_init=nn.initializers.zeros, name='W_z_1')(w_y)
     return norm(w_y + x), a_fea
