@@ -1,0 +1,629 @@
+r"""Train- and eval-step throughput of the AVS model: time, clips/s, FLOPs, MFU.
+
+  python bench/train_step.py --config configs/s4.py --backbone resnet50 \
+      --image_size 224 --batch 1 --dtype float32 --steps 5
+  python bench/train_step.py --backbone pvt_v2_b5 --dtype bfloat16 --batch 16
+  python bench/train_step.py --devices 4 --per_device_batch 1 --image_size 64 \
+      --backbone pvt_v2_b0 --set model.channels=64     # simulated CPU devices
+
+Times the real step: `avs_jax.train.train_step` jitted exactly as
+`train_and_evaluate` does (state and data shardings over the 1-D `data` mesh,
+state buffers donated), and with `--eval` the `avs_jax.evaluate.Evaluator`
+step. Inputs are random clips of the config's shapes (frames `[B, T, H, W,
+3]`, log-mel `[B, T, 96, 64]`, masks), put on the devices before the loop, so
+the figures are the step alone, not the input pipeline (see
+bench/input_pipeline.py for that). Each timed step is dispatched and waited
+for with `block_until_ready`; the median over `--steps` after `--warmup`
+steps is reported, and so is the pipelined rate (all steps dispatched back to
+back, one wait at the end), which is what the training loop sees.
+
+FLOPs are XLA's own count for the compiled step (`compiled.cost_analysis()`,
+multiply-add = 2 FLOPs, per device); achieved TFLOP/s = FLOPs / step time;
+MFU = achieved / the device's dense peak for the compute dtype when the
+device kind is in `PEAK_TFLOPS` (on a CPU, `--cpu_gemm` measures a large
+float32 GEMM as a practical ceiling instead). Memory: XLA's buffer plan
+(`compiled.memory_analysis()`), `device.memory_stats()` peak when the backend
+has it, and the process's peak RSS.
+
+`--devices N` simulates N CPU devices (sets XLA_FLAGS before JAX loads);
+with `--per_device_batch` the global batch grows with N (weak scaling).
+`--aot_tpu v5e:4x4` tries an ahead-of-time compile of the step for a TPU
+topology (needs libtpu; reports what happens). `--json FILE` writes every
+figure.
+"""
+
+import argparse
+import ast
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Dense peak TFLOP/s per chip (vendor figures, no sparsity), by compute dtype.
+# Matched against `device.device_kind` by substring, first match wins.
+# float32 on GPUs is the TF32 tensor-core rate (XLA's default matmul precision
+# on NVIDIA GPUs uses TF32); on TPUs float32 matmuls run as bf16 passes, so no
+# float32 peak is listed.
+PEAK_TFLOPS = (
+    ('H100 PCIe', {'bfloat16': 756.0, 'float32': 378.0}),
+    ('H100', {'bfloat16': 989.0, 'float32': 494.5}),   # SXM
+    ('H200', {'bfloat16': 989.0, 'float32': 494.5}),
+    ('A100', {'bfloat16': 312.0, 'float32': 156.0}),
+    ('TPU v5 lite', {'bfloat16': 197.0}),               # v5e
+    ('TPU v5e', {'bfloat16': 197.0}),
+    ('TPU v5p', {'bfloat16': 459.0}),
+    ('TPU v5', {'bfloat16': 459.0}),                    # v5p reports 'TPU v5'
+    ('TPU v4', {'bfloat16': 275.0}),
+)
+
+
+def peak_tflops(device_kind, dtype):
+  for key, peaks in PEAK_TFLOPS:
+    if key.lower() in device_kind.lower():
+      return peaks.get(dtype)
+  return None
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--config', default='configs/s4.py',
+                 help='config file; its get_config(arg) gets --backbone')
+  p.add_argument('--backbone', default=None,
+                 help='resnet50 | pvt_v2_b0 ... pvt_v2_b5 (default: config)')
+  p.add_argument('--image_size', type=int, default=224)
+  p.add_argument('--frames', type=int, default=5, help='frames per clip')
+  g = p.add_mutually_exclusive_group()
+  g.add_argument('--batch', type=int, default=None,
+                 help='global batch in clips (default: config train.batch_size)')
+  g.add_argument('--per_device_batch', type=int, default=None,
+                 help='clips per device; global batch = this x devices')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--steps', type=int, default=5, help='timed steps')
+  p.add_argument('--warmup', type=int, default=2,
+                 help='untimed steps after the compile')
+  p.add_argument('--remat', action='store_true', help='train.remat')
+  p.add_argument('--fsdp', action='store_true', help='train.fsdp')
+  p.add_argument('--eval', action='store_true',
+                 help='also time the eval step (Evaluator) on the same batch')
+  p.add_argument('--eval_only', action='store_true',
+                 help='time only the eval step')
+  p.add_argument('--devices', type=int, default=None,
+                 help='simulate N CPU devices (XLA_FLAGS; CPU only)')
+  p.add_argument('--xla_defaults', action='store_true',
+                 help="keep XLA:CPU's defaults (else CPU_XLA_FLAGS are added)")
+  p.add_argument('--scaling', default=None, metavar='1,2,4,8',
+                 help='scaling study: one run per simulated device count with '
+                      '--per_device_batch fixed, and one per count with the '
+                      'global batch fixed (same-result check)')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='config override, e.g. --set model.channels=64')
+  p.add_argument('--seed', type=int, default=0, help='random batch seed')
+  p.add_argument('--init', default='model', choices=('model', 'host'),
+                 help="model: the model's own init (one more compile); host: "
+                      'numpy random weights of the same shapes (fast)')
+  p.add_argument('--cpu_gemm', action='store_true',
+                 help='measure a 2048^3 float32 GEMM as a CPU ceiling')
+  p.add_argument('--aot_tpu', default=None, metavar='TOPOLOGY',
+                 help='try an AOT compile for a TPU topology, e.g. v5e:4x4')
+  p.add_argument('--profile', default=None, metavar='DIR',
+                 help='jax.profiler trace of 2 extra train steps (perfetto)')
+  p.add_argument('--json', default=None, help='write the figures here')
+  return p.parse_args(argv)
+
+
+# XLA:CPU (jax 0.10) hands convolutions to YNNPACK unless told otherwise;
+# its weight-gradient convolutions run at ~25 GFLOP/s here against ~130 for
+# XLA's own (Eigen) ones, and a ResNet-50 train step takes about twice the CPU
+# time. An explicitly empty list of YNN fusion types turns that off.
+CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
+
+
+def set_xla_flags(devices, cpu_defaults):
+  """Must run before JAX initialises its backends."""
+  flags = os.environ.get('XLA_FLAGS', '').split()
+  if devices:
+    flags = [f for f in flags
+             if not f.startswith('--xla_force_host_platform_device_count')]
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  if not cpu_defaults:  # harmless on GPU/TPU: only XLA:CPU reads them
+    for extra in CPU_XLA_FLAGS:
+      if not any(f.split('=')[0] == extra.split('=')[0] for f in flags):
+        flags.append(extra)
+  if flags:
+    os.environ['XLA_FLAGS'] = ' '.join(flags)
+
+
+def load_config(path, backbone):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'bench_config', path if os.path.isabs(path) else os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(backbone)
+
+
+def apply_override(config, item):
+  key, sep, raw = item.partition('=')
+  if not sep:
+    raise SystemExit(f'--set wants KEY=VALUE, got {item!r}')
+  *path, leaf = key.split('.')
+  node = config
+  for part in path:
+    node = node[part]
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  if isinstance(node[leaf], tuple) and isinstance(value, list):
+    value = tuple(value)
+  node[leaf] = value
+
+
+def random_batch(rng, batch, frames, h, w, setting):
+  """A host batch of the pipeline's keys, shapes and dtypes."""
+  labelled = np.zeros((batch, frames), bool)
+  labelled[:, 0 if setting == 's4' else slice(None)] = True
+  return {
+      'frames': rng.standard_normal((batch, frames, h, w, 3), np.float32),
+      'log_mel': rng.standard_normal((batch, frames, 96, 64), np.float32),
+      'masks': (rng.random((batch, frames, h, w)) < 0.3).astype(np.float32),
+      'labelled': labelled,
+      'valid': np.ones((batch,), bool),
+  }
+
+
+def host_state(abstract_state, seed):
+  """Numpy weights of the abstract state's shapes: scales and variances 1,
+  biases and means 0, kernels N(0, 1/fan_in); Adam moments 0."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path)
+    if x.ndim == 0:
+      return np.zeros(x.shape, x.dtype)
+    if 'opt_state' in name or name.endswith("['mean']") or \
+        name.endswith("['bias']"):
+      return np.zeros(x.shape, x.dtype)
+    if name.endswith("['scale']") or name.endswith("['var']"):
+      return np.ones(x.shape, x.dtype)
+    fan_in = int(np.prod(x.shape[:-1])) or 1
+    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
+
+
+def flops_of(compiled):
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', 0.0)) or None
+
+
+def memory_of(compiled):
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if m is None:
+    return {}
+  out = {}
+  for k in ('argument_size_in_bytes', 'output_size_in_bytes',
+            'alias_size_in_bytes', 'temp_size_in_bytes',
+            'generated_code_size_in_bytes'):
+    v = getattr(m, k, None)
+    if v is not None:
+      out[k] = int(v)
+  if out:
+    out['xla_peak_estimate_bytes'] = (
+        out.get('argument_size_in_bytes', 0) +
+        out.get('output_size_in_bytes', 0) -
+        out.get('alias_size_in_bytes', 0) + out.get('temp_size_in_bytes', 0))
+  return out
+
+
+def device_peak_bytes(devices):
+  peaks = []
+  for d in devices:
+    try:
+      s = d.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      s = None
+    if s and 'peak_bytes_in_use' in s:
+      peaks.append(int(s['peak_bytes_in_use']))
+  return max(peaks) if peaks else None
+
+
+def rss_peak_bytes():
+  r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return r if sys.platform == 'darwin' else r * 1024
+
+
+def time_steps(run_one, steps, warmup, sync):
+  """Per-step times (each waited for) and the pipelined time per step."""
+  for _ in range(warmup):
+    sync(run_one())
+  times = []
+  cpu = time.process_time()
+  for _ in range(steps):
+    t = time.perf_counter()
+    sync(run_one())
+    times.append(time.perf_counter() - t)
+  cpu = (time.process_time() - cpu) / steps
+  t = time.perf_counter()
+  out = None
+  for _ in range(steps):
+    out = run_one()
+  sync(out)
+  pipelined = (time.perf_counter() - t) / steps
+  return times, pipelined, cpu
+
+
+def cpu_gemm_tflops(jax, jnp, n=2048, reps=5):
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    ts.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(ts) / 1e12
+
+
+def fmt_bytes(b):
+  return 'n/a' if b is None else f'{b / 2**30:.2f} GiB'
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.scaling:
+    return scaling_study(args, argv)
+  set_xla_flags(args.devices, args.xla_defaults)
+
+  # pylint: disable=g-import-not-at-top
+  import functools
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  from avs_jax import evaluate
+  from avs_jax import train
+  from avs_jax.models import build_model, build_vggish
+  # pylint: enable=g-import-not-at-top
+
+  config = load_config(args.config, args.backbone)
+  for item in args.set:
+    apply_override(config, item)
+  config.train.dtype = args.dtype
+  config.train.remat = bool(args.remat or config.train.remat)
+  config.train.fsdp = bool(args.fsdp or config.train.fsdp)
+  config.data.image_size = args.image_size
+
+  ndev = jax.device_count()
+  if args.devices and ndev != args.devices:
+    raise SystemExit(f'asked for {args.devices} devices, JAX has {ndev} '
+                     f'({jax.devices()[0].platform}); --devices simulates '
+                     'CPU devices only')
+  if args.per_device_batch:
+    gbs = args.per_device_batch * ndev
+  else:
+    gbs = args.batch or config.train.batch_size
+  if gbs % ndev:
+    raise SystemExit(f'global batch {gbs} is not a multiple of {ndev} devices')
+  config.train.batch_size = gbs
+  config.eval.batch_size = gbs
+  dev = jax.devices()[0]
+  kind = dev.device_kind
+  h = w = args.image_size
+  t = args.frames
+  res = {
+      'device_kind': kind, 'platform': dev.platform, 'devices': ndev,
+      'config': args.config, 'backbone': config.model.backbone,
+      'channels': config.model.channels, 'tpavi_mode': config.model.tpavi_mode,
+      'setting': config.data.setting, 'image_size': args.image_size,
+      'frames': t, 'global_batch': gbs, 'per_device_batch': gbs // ndev,
+      'dtype': args.dtype, 'remat': config.train.remat,
+      'fsdp': config.train.fsdp, 'jax': jax.__version__,
+  }
+  res['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+  print(f'device: {kind} x {ndev} ({dev.platform}), jax {jax.__version__}, '
+        f'XLA_FLAGS={res["xla_flags"]!r}')
+  print(f'config: {args.config} backbone={config.model.backbone} '
+        f'channels={config.model.channels} tpavi={config.model.tpavi_mode} '
+        f'setting={config.data.setting} {h}x{w}x{t} frames, global batch '
+        f'{gbs} ({gbs // ndev}/device), {args.dtype}, remat='
+        f'{config.train.remat}, fsdp={config.train.fsdp}')
+  if args.cpu_gemm:
+    res['cpu_gemm_tflops'] = cpu_gemm_tflops(jax, jnp)
+    print(f'float32 2048^3 GEMM on this device: '
+          f'{res["cpu_gemm_tflops"] * 1e3:.1f} GFLOP/s (ceiling reference)')
+
+  # The step exactly as train_and_evaluate builds it.
+  mesh = train.make_mesh()
+  data_sharding = NamedSharding(mesh, P('data'))
+  replicated = NamedSharding(mesh, P())
+  dtype = train.dtype_of(config)
+  model = build_model(config.model, dtype=dtype, remat=config.train.remat)
+  vggish = build_vggish(postprocess=config.audio.postprocess, dtype=dtype)
+  optimizer, _ = train.make_optimizer(config.train, total_steps=1000)
+
+  def init_state():
+    variables = train.init_variables(config, model, args.image_size)
+    return train.TrainState(step=jnp.zeros((), jnp.int32),
+                            params=variables['params'],
+                            batch_stats=variables['batch_stats'],
+                            opt_state=optimizer.init(variables['params']))
+
+  abstract_state = jax.eval_shape(init_state)
+  shardings = train.state_shardings(abstract_state, mesh, config.train.fsdp)
+  n_params = sum(int(np.prod(x.shape)) for x in
+                 jax.tree_util.tree_leaves(abstract_state.params))
+  state_bytes = sum(x.size * x.dtype.itemsize for x in
+                    jax.tree_util.tree_leaves(abstract_state))
+  res['params'] = n_params
+  res['state_bytes'] = state_bytes
+  print(f'model: {n_params / 1e6:.2f} M parameters; train state (params + '
+        f'Adam + BN stats) {state_bytes / 2**20:.0f} MiB float32')
+
+  step = functools.partial(train.train_step, model=model, vggish=vggish,
+                           optimizer=optimizer, config=config)
+  step_fn = jax.jit(
+      step, in_shardings=(shardings, data_sharding, replicated),
+      out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+  host = random_batch(np.random.default_rng(args.seed), gbs, t, h, w,
+                      config.data.setting)
+  batch = train.to_device(host, data_sharding)
+  jax.block_until_ready(batch)
+
+  audio_vars = jax.jit(
+      lambda: vggish.init(jax.random.key(12345), jnp.zeros((1, 96, 64))),
+      out_shardings=replicated)()
+  state = None
+
+  if args.aot_tpu:
+    res['aot_tpu'] = aot_tpu(args.aot_tpu, step, abstract_state, host,
+                             vggish, config.train.fsdp)
+
+  if not args.eval_only:
+    t0 = time.perf_counter()
+    if args.init == 'model':
+      state = jax.jit(init_state, out_shardings=shardings)()
+    else:
+      state = jax.device_put(host_state(abstract_state, args.seed), shardings)
+    jax.block_until_ready(state)
+    res['init_s'] = time.perf_counter() - t0
+    print(f'state init ({args.init}): {res["init_s"]:.1f} s')
+
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(state, batch, audio_vars)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    res['lower_s'], res['compile_s'] = t1 - t0, t2 - t1
+    flops = flops_of(compiled)
+    res['flops_per_step_per_device'] = flops
+    res['flops_per_step'] = flops * ndev if flops else None
+    res['train_memory'] = memory_of(compiled)
+    print(f'train compile: lower {t1 - t0:.1f} s + compile {t2 - t1:.1f} s')
+
+    first, last = {}, [None]
+
+    def run_one():
+      nonlocal state
+      state, m = compiled(state, batch, audio_vars)
+      if not first:
+        first.update(jax.device_get(m))
+      last[0] = m
+      return m
+
+    times, pipelined, cpu = time_steps(run_one, args.steps, args.warmup,
+                                       jax.block_until_ready)
+    step_s = statistics.median(times)
+    res.update(step_times_s=times, step_s=step_s, pipelined_step_s=pipelined,
+               cpu_s_per_step=cpu,
+               clips_per_s=gbs / step_s, pipelined_clips_per_s=gbs / pipelined,
+               first_step_metrics={k: float(v) for k, v in first.items()},
+               last_step_metrics={k: float(v) for k, v in
+                                  jax.device_get(last[0]).items()},
+               steps_run=args.warmup + 2 * args.steps)
+    report('train', res, flops, step_s, pipelined, gbs, ndev, kind,
+           args.dtype, res['train_memory'], cpu)
+    print(f'  first step: loss {first["loss"]:.6f} grad_norm '
+          f'{first["grad_norm"]:.6f}; step {res["steps_run"]}: loss '
+          f'{res["last_step_metrics"]["loss"]:.6f}')
+    if args.profile:
+      with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+        for _ in range(2):
+          jax.block_until_ready(run_one())
+      print(f'  profile of 2 steps: {args.profile}')
+
+  if args.eval or args.eval_only:
+    evaluator = evaluate.Evaluator(config, model, vggish, mesh)
+    if state is not None:
+      variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    else:
+      variables = jax.jit(
+          lambda: train.init_variables(config, model, args.image_size),
+          out_shardings=replicated)()
+    eval_batch = {k: batch[k] for k in ('frames', 'log_mel', 'masks', 'valid')}
+    t0 = time.perf_counter()
+    compiled_eval = evaluator._step.lower(  # pylint: disable=protected-access
+        variables['params'], variables['batch_stats'], audio_vars,
+        eval_batch).compile()
+    res['eval_compile_s'] = time.perf_counter() - t0
+    eflops = flops_of(compiled_eval)
+    res['eval_flops_per_step'] = eflops * ndev if eflops else None
+    res['eval_memory'] = memory_of(compiled_eval)
+    print(f'eval compile: {res["eval_compile_s"]:.1f} s')
+
+    def run_eval():
+      return compiled_eval(variables['params'], variables['batch_stats'],
+                           audio_vars, eval_batch)
+
+    times, pipelined, cpu = time_steps(run_eval, args.steps, args.warmup,
+                                       jax.block_until_ready)
+    es = statistics.median(times)
+    res.update(eval_step_times_s=times, eval_step_s=es, eval_cpu_s_per_step=cpu,
+               eval_pipelined_step_s=pipelined, eval_clips_per_s=gbs / es,
+               eval_pipelined_clips_per_s=gbs / pipelined)
+    report('eval', res, eflops, es, pipelined, gbs, ndev, kind, args.dtype,
+           res['eval_memory'], cpu)
+
+  res['device_peak_bytes'] = device_peak_bytes(jax.local_devices())
+  res['rss_peak_bytes'] = rss_peak_bytes()
+  print(f'memory: device peak {fmt_bytes(res["device_peak_bytes"])}, '
+        f'process peak RSS {fmt_bytes(res["rss_peak_bytes"])}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(res, f, indent=2)
+  return res
+
+
+def report(name, res, flops, step_s, pipelined, gbs, ndev, kind, dtype, mem,
+           cpu_s):
+  """Prints one step's figures and stores the derived ones in `res`."""
+  print(f'{name} step: {step_s * 1e3:.1f} ms median '
+        f'({gbs / step_s:.3f} clips/s); pipelined {pipelined * 1e3:.1f} ms '
+        f'({gbs / pipelined:.3f} clips/s); {cpu_s:.2f} CPU-s/step of this '
+        f'process ({os.cpu_count()} cores)')
+  if flops:
+    total = flops * ndev
+    achieved = total / step_s / 1e12
+    res[f'{name}_tflops_achieved'] = achieved
+    line = (f'  FLOPs/step {total / 1e9:.1f} GFLOP (XLA cost analysis; '
+            f'{flops / 1e9:.1f} per device, {total / gbs / 1e9:.1f} per clip); '
+            f'achieved {achieved:.3f} TFLOP/s')
+    peak = peak_tflops(kind, dtype)
+    if peak:
+      mfu = achieved / (peak * ndev)
+      res[f'{name}_mfu'] = mfu
+      line += f'; MFU {100 * mfu:.1f}% of {peak:g} TFLOP/s/chip ({dtype})'
+    elif res.get('cpu_gemm_tflops'):
+      frac = achieved / (res['cpu_gemm_tflops'] * ndev)
+      line += (f'; {100 * frac:.0f}% of the measured GEMM rate '
+               '(no vendor peak for this device: no MFU)')
+    else:
+      line += '; MFU n/a (no known peak for this device kind)'
+    print(line)
+  else:
+    print('  FLOPs/step: n/a (no cost analysis from this backend)')
+  if mem:
+    print(f'  XLA buffers: arguments {fmt_bytes(mem.get("argument_size_in_bytes"))}'
+          f', temporaries {fmt_bytes(mem.get("temp_size_in_bytes"))}, '
+          f'peak estimate {fmt_bytes(mem.get("xla_peak_estimate_bytes"))} '
+          '(per device)')
+
+
+def aot_tpu(topology, step, abstract_state, host, vggish, fsdp):
+  """AOT compile of the train step for a TPU topology; what happened."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from avs_jax import train
+  from jax.experimental import topologies
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  # pylint: enable=g-import-not-at-top
+  try:
+    topo = topologies.get_topology_desc(topology, 'tpu')
+  except Exception as e:  # pylint: disable=broad-except
+    msg = f'{type(e).__name__}: {e}'
+    print(f'AOT for TPU {topology}: get_topology_desc failed: {msg}')
+    return {'topology': topology, 'ok': False, 'error': msg}
+  mesh = jax.sharding.Mesh(np.asarray(topo.devices).reshape(-1), ('data',))
+  rep = NamedSharding(mesh, P())
+  dat = NamedSharding(mesh, P('data'))
+  shardings = train.state_shardings(abstract_state, mesh, fsdp)
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  state = jax.tree_util.tree_map(sds, abstract_state, shardings)
+  batch = {k: sds(v, dat) for k, v in host.items()
+           if k in train.NUMERIC_KEYS}
+  audio = jax.tree_util.tree_map(
+      lambda x: sds(x, rep),
+      jax.eval_shape(lambda: vggish.init(jax.random.key(0),
+                                         jnp.zeros((1, 96, 64)))))
+  try:
+    step_fn = jax.jit(step, in_shardings=(shardings, dat, rep),
+                      out_shardings=(shardings, rep), donate_argnums=(0,))
+    compiled = step_fn.trace(state, batch, audio).lower().compile()
+  except Exception as e:  # pylint: disable=broad-except
+    msg = f'{type(e).__name__}: {e}'
+    print(f'AOT for TPU {topology}: compile failed: {msg}')
+    return {'topology': topology, 'ok': False, 'error': msg}
+  flops = flops_of(compiled)
+  mem = memory_of(compiled)
+  print(f'AOT for TPU {topology}: compiled; {flops} FLOPs/device, {mem}')
+  return {'topology': topology, 'ok': True, 'flops': flops, 'memory': mem}
+
+
+def scaling_study(args, argv):
+  """Runs this script per device count; prints weak scaling and same-result."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  counts = [int(c) for c in args.scaling.split(',')]
+  pdb = args.per_device_batch or 1
+  fixed = pdb * max(counts)
+  base, skip = [], False
+  for a in argv if argv is not None else sys.argv[1:]:
+    if skip:
+      skip = False
+      continue
+    name = a.split('=')[0]
+    if name in ('--scaling', '--per_device_batch', '--batch', '--devices',
+                '--json', '--eval', '--eval_only', '--profile', '--aot_tpu'):
+      skip = '=' not in a and name not in ('--eval', '--eval_only')
+      continue
+    base.append(a)
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for mode in ('weak', 'fixed'):
+      for n in counts:
+        out = os.path.join(tmp, f'{mode}{n}.json')
+        cmd = [sys.executable, os.path.abspath(__file__), *base,
+               '--devices', str(n), '--json', out]
+        cmd += (['--per_device_batch', str(pdb)] if mode == 'weak' else
+                ['--batch', str(fixed)])
+        print('$', ' '.join(cmd[1:]), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+          print(proc.stdout[-3000:], proc.stderr[-3000:])
+          raise SystemExit(f'scaling run failed ({n} devices, {mode})')
+        with open(out) as f:
+          rows.append((mode, n, json.load(f)))
+  print('\nscaling (simulated CPU devices; they share this machine\'s '
+        f'{os.cpu_count()} cores)')
+  print('mode   devices  global batch  per-device  step ms  clips/s  '
+        'CPU-s/step  loss@1      grad_norm@1  loss@last')
+  for mode, n, r in rows:
+    f, l = r['first_step_metrics'], r['last_step_metrics']
+    print(f'{mode:6s} {n:7d}  {r["global_batch"]:12d}  '
+          f'{r["per_device_batch"]:10d}  {r["step_s"] * 1e3:7.0f}  '
+          f'{r["clips_per_s"]:7.3f}  {r["cpu_s_per_step"]:10.2f}  '
+          f'{f["loss"]:.7f}  {f["grad_norm"]:11.6f}  {l["loss"]:.7f}')
+  fixed_rows = [r for mode, _, r in rows if mode == 'fixed']
+  ref = fixed_rows[0]
+  worst = max(abs(r[k]['loss'] / ref[k]['loss'] - 1) for r in fixed_rows
+              for k in ('first_step_metrics', 'last_step_metrics'))
+  worst_g = max(abs(r['first_step_metrics']['grad_norm'] /
+                    ref['first_step_metrics']['grad_norm'] - 1)
+                for r in fixed_rows)
+  print(f'same global batch ({fixed} clips) over {counts} devices: largest '
+        f'relative difference to 1 device: loss {worst:.2e}, first-step '
+        f'grad norm {worst_g:.2e}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump([dict(r, mode=mode) for mode, _, r in rows], f, indent=2)
+  return rows
+
+
+if __name__ == '__main__':
+  main()
