@@ -283,6 +283,8 @@ def train_and_evaluate(config, workdir):
         bar.set_postfix(loss=f'{scalars["loss"]:.4f}')
       is_eval = done % eval_every == 0 or done == total_steps
       metrics = None
+      if is_eval or done % ckpt_every == 0:
+        _check_finite(*pending)  # never evaluate or save a diverged state
       if is_eval:
         val = evaluator.run(state, dc.setting, config.eval.val_split,
                             desc=f'val@{done}')
@@ -292,6 +294,7 @@ def train_and_evaluate(config, workdir):
         bar.write(f'step {done}: val J {val["miou"]:.4f} F {val["fscore"]:.4f}')
       preempted = preempt.requested or mngr.reached_preemption(done)
       if is_eval or done % ckpt_every == 0 or preempted:
+        _check_finite(*pending)
         ckpt_lib.save(mngr, done, state_dict(state), train_iter,
                       metrics=metrics, force=True)
       if preempted:
