@@ -53,8 +53,9 @@ def main(argv):
     if config.data.synthetic.enabled:
       demo.ensure_synthetic_data(config)
     if FLAGS.mode == 'train':
-      train.train_and_evaluate(config, workdir)
-      if config.data.synthetic.enabled:
+      results = train.train_and_evaluate(config, workdir)
+      # None: preempted (SIGTERM), saved; exit now, the re-run reports.
+      if results is not None and config.data.synthetic.enabled:
         demo.report(config, workdir)
     elif FLAGS.mode == 'eval':
       evaluate.evaluate_checkpoint(config, workdir,
