@@ -10,6 +10,7 @@ import re
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 BEST_METRIC = 'val_miou'
@@ -80,8 +81,13 @@ def load_state(path):
       step = best_step(mngr)
     if step is None:
       raise FileNotFoundError(f'{directory}: no checkpoints in it')
+    # Saved on another topology (e.g. a pod, evaluated on one device): the
+    # saved shardings do not load; restore replicated instead.
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(jax.devices()), ('data',)),
+        jax.sharding.PartitionSpec())
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+        state=ocp.args.StandardRestore(fallback_sharding=replicated)))
   return restored['state'], step
 
 
