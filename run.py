@@ -43,7 +43,7 @@ def main(argv):
           for k in _CLUSTER_ENV))
   if multi:
     jax.distributed.initialize()
-  from avs_jax import demo, evaluate, predict, train  # pylint: disable=g-import-not-at-top
+  from avs_jax import convert, demo, evaluate, predict, train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   name = os.path.splitext(os.path.basename(
@@ -62,7 +62,7 @@ def main(argv):
                                    config.eval.restore or workdir)
     else:
       predict.predict_video(config, workdir)
-  except (predict.VideoError, FileNotFoundError, ValueError) as e:
+  except (predict.VideoError, convert.ConversionError, FileNotFoundError) as e:
     # Bad input: one clear line, no traceback.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
