@@ -168,7 +168,7 @@ def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state)
   return new_state, {'loss': loss, 'bce': aux['bce'], 'avm': aux['avm'],
-                     'grad_norm': optax.global_norm(grads)}
+                     'grad_norm': optax.tree.norm(grads)}
 
 
 class Preemption:

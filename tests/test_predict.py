@@ -1,0 +1,114 @@
+"""`run.py --mode predict` on short generated videos (ffmpeg from imageio-ffmpeg)."""
+import os
+import subprocess
+
+import imageio_ffmpeg
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from avs_jax import convert
+from avs_jax import predict
+from avs_jax.models import build_model
+from configs import synthetic
+
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _video(path, seconds, audio=True, size='64x48', rate=10):
+  cmd = [FFMPEG, '-v', 'error', '-y', '-f', 'lavfi', '-i',
+         f'testsrc=size={size}:rate={rate}']
+  if audio:
+    cmd += ['-f', 'lavfi', '-i', 'sine=frequency=440:sample_rate=16000']
+  cmd += ['-t', str(seconds), '-pix_fmt', 'yuv420p', '-c:v', 'libx264']
+  if audio:
+    cmd += ['-c:a', 'aac']
+  subprocess.run(cmd + [path], check=True)
+  return path
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('predict')
+  c = synthetic.get_config()
+  c.model.channels = 16
+  c.data.image_size = 32
+  c.data.synthetic.enabled = False
+  model = build_model(c.model)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 5, 32, 32, 3)),
+                         jnp.zeros((1, 5, 128)))
+  ckpt = str(tmp / 'ckpt')
+  convert.save_checkpoint(jax.device_get(variables), ckpt, step=3)
+  c.predict.restore = ckpt
+  return c, tmp, model, variables
+
+
+def test_windows_cover_every_second_once_padded_by_repetition():
+  w = predict.windows(7)
+  assert [list(x) for x in w] == [[0, 1, 2, 3, 4], [5, 6, 6, 6, 6]]
+  assert [list(x) for x in predict.windows(5)] == [[0, 1, 2, 3, 4]]
+
+
+def test_predict_writes_masks_and_overlay_with_sound(setup):
+  c, tmp, _, _ = setup
+  c = c.copy_and_resolve_references()
+  c.predict.video = _video(str(tmp / 'clip.mp4'), 7)
+  c.predict.out = str(tmp / 'out')
+  out = predict.predict_video(c, str(tmp))
+  masks = sorted(os.listdir(os.path.join(out, 'masks')))
+  assert masks == [f'clip_{s:04d}.png' for s in range(1, 8)]  # 7 s, 2 windows
+  m = np.asarray(Image.open(os.path.join(out, 'masks', masks[0])))
+  assert m.shape == (32, 32) and set(np.unique(m)) <= {0, 255}
+  video = os.path.join(out, 'clip_overlay.mp4')
+  gen = imageio_ffmpeg.read_frames(video)
+  meta = next(gen)
+  assert tuple(meta['size']) == (64, 48)
+  assert sum(1 for _ in gen) == 70  # every frame of the source
+  samples = predict.read_audio(video)  # the original sound is muxed in
+  assert len(samples) > 6 * 16000
+  spectrum = np.abs(np.fft.rfft(samples[:16000]))
+  assert abs(np.argmax(spectrum) - 440) <= 2  # 1 Hz bins over one second
+
+
+def test_masks_match_the_model_on_the_sampled_frames(setup):
+  """Second s uses frame int(s*r + 15/16*r), as the reference preprocessing."""
+  c, tmp, model, variables = setup
+  c = c.copy_and_resolve_references()
+  c.predict.video = _video(str(tmp / 'five.mp4'), 5)
+  frames, fps, seconds = predict.sample_seconds(c.predict.video, 32)
+  assert seconds == 5 and round(fps) == 10
+  gen, _ = predict._open(c.predict.video)  # pylint: disable=protected-access
+  raw = list(gen)
+  want = [raw[int(s * 10 + 15 / 16 * 10)] for s in range(5)]
+  resized = np.stack([np.asarray(Image.fromarray(f).resize((32, 32),
+                                                           Image.BILINEAR))
+                      for f in want]) / 255.0
+  np.testing.assert_allclose(
+      frames * np.asarray([0.229, 0.224, 0.225]) + np.asarray(
+          [0.485, 0.456, 0.406]), resized, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['no_audio', 'unreadable', 'too_short',
+                                  'missing'])
+def test_bad_videos_give_clear_errors(setup, kind):
+  c, tmp, _, _ = setup
+  c = c.copy_and_resolve_references()
+  path = str(tmp / f'{kind}.mp4')
+  if kind == 'no_audio':
+    _video(path, 3, audio=False)
+    expect = 'no audio track'
+  elif kind == 'unreadable':
+    with open(path, 'wb') as f:
+      f.write(b'not a video at all')
+    expect = 'not a readable video'
+  elif kind == 'too_short':
+    _video(path, 0.5)
+    expect = 'too short'
+  else:
+    expect = 'no such file'
+  c.predict.video = path
+  with pytest.raises(predict.VideoError, match=expect) as e:
+    predict.predict_video(c, str(tmp))
+  assert path in str(e.value)
