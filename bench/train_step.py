@@ -25,7 +25,7 @@ float32 GEMM as a practical ceiling instead). Memory: XLA's buffer plan
 (`compiled.memory_analysis()`), `device.memory_stats()` peak when the backend
 has it, and the process's peak RSS.
 
-On XLA:CPU the script adds `CPU_XLA_FLAGS` (YNNPACK fusions off: about half
+On XLA:CPU the script adds `avs_jax.xla_flags.CPU_XLA_FLAGS` (YNNPACK fusions off: about half
 the CPU time of a ResNet-50 step) unless `--xla_defaults`; an XLA_FLAGS value
 already set for the same flag wins. Use the same flags for CPU training.
 
@@ -50,6 +50,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from avs_jax.xla_flags import set_xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Dense peak TFLOP/s per chip (vendor figures, no sparsity), by compute dtype.
 # Matched against `device.device_kind` by substring, first match wins.
@@ -123,29 +124,6 @@ def parse_args(argv=None):
                  help='with --aot_tpu: stop after it (no local timing)')
   p.add_argument('--json', default=None, help='write the figures here')
   return p.parse_args(argv)
-
-
-# XLA:CPU (jax 0.10) hands convolutions to YNNPACK unless told otherwise;
-# its weight-gradient convolutions run at ~25 GFLOP/s here against ~130 for
-# XLA's own (Eigen) ones, and a ResNet-50 train step takes about twice the CPU
-# time. An explicitly empty list of YNN fusion types turns that off.
-CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
-
-
-def set_xla_flags(devices, cpu_defaults):
-  """Must run before JAX initialises its backends."""
-  flags = os.environ.get('XLA_FLAGS', '').split()
-  if devices:
-    flags = [f for f in flags
-             if not f.startswith('--xla_force_host_platform_device_count')]
-    flags.append(f'--xla_force_host_platform_device_count={devices}')
-    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  if not cpu_defaults:  # harmless on GPU/TPU: only XLA:CPU reads them
-    for extra in CPU_XLA_FLAGS:
-      if not any(f.split('=')[0] == extra.split('=')[0] for f in flags):
-        flags.append(extra)
-  if flags:
-    os.environ['XLA_FLAGS'] = ' '.join(flags)
 
 
 def load_config(path, backbone):
@@ -350,7 +328,8 @@ def main(argv=None):
         f'channels={config.model.channels} tpavi={config.model.tpavi_mode} '
         f'setting={config.data.setting} {h}x{w}x{t} frames, global batch '
         f'{gbs} ({gbs // ndev}/device), {args.dtype}, remat='
-        f'{config.train.remat}, fsdp={config.train.fsdp}')
+        f'{config.train.remat}, fsdp={config.train.fsdp}, VGGish '
+        f'{"precomputed" if config.audio.precompute else "in the step"}')
   if args.cpu_gemm:
     res['cpu_gemm_tflops'], res['cpu_gemm_tflop_per_cpu_s'] = \
         cpu_gemm_tflops(jax, jnp)
@@ -394,7 +373,13 @@ def main(argv=None):
 
   host = random_batch(np.random.default_rng(args.seed), gbs, t, h, w,
                       config.data.setting)
-  batch = train.to_device(host, data_sharding)
+  if config.audio.precompute:  # VGGish ran once per clip, outside the step
+    host_train = {k: v for k, v in host.items() if k != 'log_mel'}
+    host_train['audio'] = np.abs(np.random.default_rng(args.seed).standard_normal(
+        (gbs, t, 128), np.float32))
+  else:
+    host_train = host
+  batch = train.to_device(host_train, data_sharding)
   jax.block_until_ready(batch)
 
   audio_vars = jax.jit(
@@ -473,7 +458,9 @@ def main(argv=None):
       variables = jax.jit(
           lambda: train.init_variables(config, model, args.image_size),
           out_shardings=replicated)()
-    eval_batch = {k: batch[k] for k in ('frames', 'log_mel', 'masks', 'valid')}
+    eval_batch = train.to_device(
+        {k: host[k] for k in ('frames', 'log_mel', 'masks', 'valid')},
+        data_sharding)
     t0 = time.perf_counter()
     compiled_eval = evaluator._step.lower(  # pylint: disable=protected-access
         variables['params'], variables['batch_stats'], audio_vars,
