@@ -23,9 +23,11 @@ def manager(directory, keep=2, async_save=True) -> ocp.CheckpointManager:
       ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC],
                                     n=1, keep_checkpoints_without_metrics=False),
   ])
+  # best_fn is what makes the manager write the metrics to disk (without it
+  # they live in memory only and `best_step` of a reloaded run sees none).
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, enable_async_checkpointing=async_save,
-      create=True)
+      best_fn=lambda m: m[BEST_METRIC], best_mode='max', create=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=('state', 'data'))
 
