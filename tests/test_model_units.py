@@ -546,6 +546,32 @@ def test_resnet50_feature_shapes():
   assert 'resnet' in shapes['params'] and 'resnet' in shapes['batch_stats']
 
 
+def test_resnet_tiny_and_head_channels():
+  """The demo's encoder: ResNet-50's layout, 1 block a stage, width 16."""
+  model = build_model(model_config(backbone='resnet_tiny', head_channels=8))
+  frames, audio = clip(2, 3, 64, 96)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), frames, audio)
+  out = jax.eval_shape(model.apply, shapes, frames, audio)
+  assert out['logits'].shape == (2, 3, 64, 96)
+  res = shapes['params']['resnet']
+  assert sorted(k for k in res if k.startswith('layer')) == [
+      'layer1_0', 'layer2_0', 'layer3_1_0', 'layer4_1_0']
+  for i, name in enumerate(['layer1_0', 'layer2_0', 'layer3_1_0',
+                            'layer4_1_0']):
+    assert res[name]['conv3']['kernel'].shape[-1] == 64 * 2**i
+  assert shapes['params']['output_conv_0']['kernel'].shape[-1] == 8
+  assert shapes['params']['output_conv_2']['kernel'].shape[-2] == 8
+  # The reference's head (128) by default.
+  default = jax.eval_shape(build_model(model_config()).init, jax.random.key(0),
+                           frames, audio)
+  assert default['params']['output_conv_0']['kernel'].shape[-1] == 128
+
+
+def test_unknown_backbone_names_the_choices():
+  with pytest.raises(ValueError, match='resnet_tiny'):
+    init_shapes(build_model(model_config(backbone='resnet18')))
+
+
 @pytest.mark.parametrize('h, w', [(48, 64), (64, 80), (100, 100)])
 def test_size_not_multiple_of_32_raises(h, w):
   model = build_model(model_config())

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from avs_jax.models import pvt
 from avs_jax.models.layers import Dtype, conv, upsample2x
-from avs_jax.models.resnet import ResNet50
+from avs_jax.models import resnet
 from avs_jax.models.tpavi import TPAVI
 
 DILATIONS = (3, 6, 12, 18)
@@ -74,6 +74,7 @@ class AVSModel(nn.Module):
   tpavi_mode: str = 'dot'
   tpavi_vv: bool = False
   tpavi_va: bool = True
+  head_channels: int = 128
   remat: bool = False
   dtype: Dtype = jnp.float32
 
@@ -89,14 +90,16 @@ class AVSModel(nn.Module):
       raise ValueError('tpavi_va needs audio embeddings [B, T, 128]')
 
     x = frames.reshape(b * t, h, w, 3).astype(self.dtype)
-    if self.backbone == 'resnet50':
-      feats = ResNet50(train, self.dtype, name='resnet')(x)
+    if self.backbone in resnet.SPECS:
+      blocks, width = resnet.SPECS[self.backbone]
+      feats = resnet.ResNet(blocks, width, train, self.dtype,
+                            name='resnet')(x)
     elif self.backbone in pvt.SPECS:
       feats = pvt.PVTv2(pvt.SPECS[self.backbone], train, self.remat,
                         self.dtype, name='encoder_backbone')(x)
     else:
-      raise ValueError(f'unknown backbone {self.backbone!r}; choose resnet50 '
-                       f'or one of {sorted(pvt.SPECS)}')
+      raise ValueError(f'unknown backbone {self.backbone!r}; choose one of '
+                       f'{sorted(resnet.SPECS) + sorted(pvt.SPECS)}')
 
     maps = [ASPP(self.channels, self.dtype, name=f'conv{i + 1}')(f)
             for i, f in enumerate(feats)]
@@ -120,7 +123,8 @@ class AVSModel(nn.Module):
     y = FeatureFusionBlock(self.dtype, name='path2')(y, flat[1])
     y = FeatureFusionBlock(self.dtype, name='path1')(y, flat[0])
 
-    y = conv(128, 3, 1, 1, dtype=self.dtype, name='output_conv_0')(y)
+    y = conv(self.head_channels, 3, 1, 1, dtype=self.dtype,
+             name='output_conv_0')(y)
     y = upsample2x(y, align_corners=False)
     y = nn.relu(conv(32, 3, 1, 1, dtype=self.dtype, name='output_conv_2')(y))
     y = conv(1, 1, dtype=self.dtype, name='output_conv_4')(y)
@@ -137,4 +141,5 @@ def build_model(model_config, *, dtype=jnp.float32, remat=False) -> AVSModel:
                   tpavi_mode=model_config.tpavi_mode,
                   tpavi_vv=model_config.tpavi_vv,
                   tpavi_va=model_config.tpavi_va,
+                  head_channels=model_config.get('head_channels', 128),
                   remat=remat, dtype=dtype)

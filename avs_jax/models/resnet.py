@@ -1,4 +1,4 @@
-"""ResNet-50 encoder in the reference's "B2_ResNet" layout (NHWC).
+"""ResNet-50 (and a tiny sibling) encoder in the reference's "B2_ResNet" layout (NHWC).
 
 The reference builds two branches after `layer2` and uses only the first
 (`layer3_1`, `layer4_1`); the unused `layer3_2`/`layer4_2` are not built here
@@ -36,21 +36,34 @@ class Bottleneck(nn.Module):
     return nn.relu(y + x)
 
 
-class ResNet50(nn.Module):
-  """`[N, H, W, 3]` -> 4 stages `[N, H/4, W/4, 256]` ... `[N, H/32, W/32, 2048]`."""
+# Blocks per stage and stem width. 'resnet_tiny' (no ImageNet weights) is the
+# same network, narrow and shallow, for the CPU demo and fast tests.
+SPECS = {
+    'resnet50': ((3, 4, 6, 3), 64),
+    'resnet_tiny': ((1, 1, 1, 1), 16),
+}
+
+
+class ResNet(nn.Module):
+  """`[N, H, W, 3]` -> 4 stages `[N, H/4, W/4, 4w]` ... `[N, H/32, W/32, 32w]`.
+
+  w is the stem width (64 for ResNet-50: 256 ... 2048 channels).
+  """
+  blocks: tuple = SPECS['resnet50'][0]
+  width: int = SPECS['resnet50'][1]
   train: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    x = conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, name='conv1')(x)
+    w = self.width
+    x = conv(w, 7, 2, 3, use_bias=False, dtype=self.dtype, name='conv1')(x)
     x = nn.relu(BatchNorm(not self.train, dtype=self.dtype, name='bn1')(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     feats = []
-    for name, planes, blocks, stride in (('layer1', 64, 3, 1),
-                                         ('layer2', 128, 4, 2),
-                                         ('layer3_1', 256, 6, 2),
-                                         ('layer4_1', 512, 3, 2)):
+    for name, planes, blocks, stride in zip(
+        ('layer1', 'layer2', 'layer3_1', 'layer4_1'),
+        (w, 2 * w, 4 * w, 8 * w), self.blocks, (1, 2, 2, 2)):
       for i in range(blocks):
         x = Bottleneck(planes, stride if i == 0 else 1, downsample=i == 0,
                        train=self.train, dtype=self.dtype,
