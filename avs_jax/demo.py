@@ -7,27 +7,59 @@ from avs_jax import data as data_lib
 from avs_jax import utils
 
 
+class SyntheticDataError(ValueError):
+  """The synthetic data on disk was made with other parameters."""
+
+
 def ensure_synthetic_data(config):
-  """Generates the synthetic AVSBench and its shards unless already there."""
+  """Generates the synthetic AVSBench and its shards unless already there.
+
+  The generation parameters are recorded in both folders (`synthetic.json`);
+  data made with other parameters (or by an older generator) is not reused:
+  that raises SyntheticDataError naming the folders to delete. An interrupted
+  generation or preparation is redone (resumed) on the next call.
+  """
+  import json  # pylint: disable=g-import-not-at-top
   from data_prep import avsbench, synthetic  # pylint: disable=g-import-not-at-top
   sc, dc = config.data.synthetic, config.data
-  try:
-    data_lib.num_examples(dc.dir, dc.setting, 'train')
+  want = dict(version=synthetic.VERSION, clips=sc.clips, seed=sc.seed,
+              size=sc.size)
+
+  def recorded(folder, want):
+    path = os.path.join(folder, 'synthetic.json')
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      have = json.load(f)
+    if have != want:
+      raise SyntheticDataError(
+          f'{folder} holds synthetic data made with {have}, the config asks '
+          f'for {want}: delete {dc.dir} and {sc.root}, or point '
+          f'--config.data.dir and --config.data.synthetic.root elsewhere')
+    return have
+
+  def record(folder, want):
+    with open(os.path.join(folder, 'synthetic.json'), 'w') as f:
+      json.dump(want, f)
+
+  want_raw = dict(want, settings=[dc.setting])
+  want_shards = dict(want, setting=dc.setting)
+  if recorded(dc.dir, want_shards):
+    data_lib.num_examples(dc.dir, dc.setting, 'train')  # readable
     return
-  except (FileNotFoundError, OSError, ValueError, KeyError):
-    pass
   if jax.process_index() != 0:
     raise RuntimeError('prepare the synthetic data on process 0 first')
-  marker = os.path.join(sc.root, '.complete')
-  if not os.path.exists(marker):
+  if not recorded(sc.root, want_raw):  # absent, or an interrupted generation
     utils.log(f'generating {sc.clips} synthetic clips in {sc.root}')
-    synthetic.generate(sc.root, sc.clips, seed=sc.seed, size=sc.size)
-    open(marker, 'w').close()
+    synthetic.generate(sc.root, sc.clips, seed=sc.seed, size=sc.size,
+                       settings=(dc.setting,))
+    record(sc.root, want_raw)
   utils.log(f'preparing shards in {dc.dir}')
   errors, _ = avsbench.prepare(sc.root, dc.setting, dc.dir)
   if errors:
     raise RuntimeError(f'{len(errors)} synthetic clips failed to prepare; see '
                        f'{dc.dir}/errors.jsonl')
+  record(dc.dir, want_shards)
 
 
 def _curve_png(workdir, path):

@@ -8,8 +8,8 @@ stay visible, so the mask cannot be found without the audio.
 
 - Single-source (S4): one object sounds for the whole clip; its class is the
   clip's category.
-- Multi-sources (MS3): the sounding set changes per second: none (empty mask),
-  one, or two objects.
+- Multi-sources (MS3): one or two sources per clip, each silent in some
+  seconds (then that second's mask has one object, or none).
 
 "Second" t of a clip is the t-th VGGish example window, [0.96 t, 0.96 (t+1))
 seconds (the last one runs to 5 s), so the log-mel example t describes exactly
@@ -35,6 +35,8 @@ import tqdm
 SAMPLE_RATE = 16000
 NUM_FRAMES = 5
 NUM_SAMPLES = 5 * SAMPLE_RATE
+VERSION = 2  # of the generator's output; bump when clips change
+MS3_PAUSE = 0.1  # MS3: chance that a source is silent in a given second
 SEGMENT_SECONDS = 0.96  # VGGish example hop: example t <-> frame t.
 SPLITS = ('train', 'val', 'test')
 
@@ -260,14 +262,21 @@ def mix_audio(rng, objects, sounding):
 
 
 def sounding_schedule(rng, num_objects, setting):
-  """Per second, the set of sounding object indices."""
+  """Per second, the set of sounding object indices.
+
+  MS3: one or two of the objects are the clip's sources; each second, each
+  source is silent with probability `MS3_PAUSE` (so some seconds have one
+  source or none). The sources stay the same within a clip, as in
+  AVSBench-MS3: the reference's TPAVI sums the audio of all 5 seconds into
+  every frame, so a faithful model knows which objects sound in the clip but
+  barely which second they sound in.
+  """
   if setting == 's4':
     return [{int(rng.integers(num_objects))}] * NUM_FRAMES
-  schedule = []
-  for _ in range(NUM_FRAMES):
-    count = min(int(rng.choice(3, p=(0.15, 0.5, 0.35))), num_objects)
-    schedule.append(set(rng.choice(num_objects, count, replace=False).tolist()))
-  return schedule
+  count = min(int(rng.choice((1, 2), p=(0.4, 0.6))), num_objects)
+  sources = rng.choice(num_objects, count, replace=False).tolist()
+  return [{k for k in sources if rng.random() >= MS3_PAUSE}
+          for _ in range(NUM_FRAMES)]
 
 
 def make_clip(seed, setting, index, size):
@@ -358,11 +367,12 @@ def _write_job(args):
   return write_clip(*args)
 
 
-def generate(root, num_clips, seed=0, size=224, workers=None):
-  """Writes both subsets of `num_clips` clips each under `root`."""
+def generate(root, num_clips, seed=0, size=224, workers=None,
+             settings=('s4', 'ms3')):
+  """Writes the subsets (`settings`) of `num_clips` clips each under `root`."""
   jobs = [
       (root, seed, setting, i, num_clips, size)
-      for setting in ('s4', 'ms3')
+      for setting in settings
       for i in range(num_clips)
   ]
   workers = workers or os.cpu_count() or 1
@@ -380,6 +390,8 @@ def generate(root, num_clips, seed=0, size=224, workers=None):
       ('s4', 'Single-source', ['name', 'start_time', 'category', 'split']),
       ('ms3', 'Multi-sources', ['video_id', 'split']),
   ):
+    if setting not in settings:
+      continue
     path = os.path.join(root, sub, f'{setting}_meta_data.csv')
     with open(path, 'w', newline='') as f:
       writer = csv.DictWriter(f, fields + ['objects', 'sounding'])
