@@ -30,7 +30,7 @@ from avs_jax import utils
 from avs_jax.models import build_model
 from avs_jax.models import build_vggish
 
-NUMERIC_KEYS = ('frames', 'log_mel', 'masks', 'labelled', 'valid')
+NUMERIC_KEYS = ('frames', 'log_mel', 'audio', 'masks', 'labelled', 'valid')
 
 
 @flax.struct.dataclass
@@ -142,10 +142,48 @@ def audio_embeddings(vggish, audio_vars, log_mel):
   return jax.lax.stop_gradient(vggish.apply(audio_vars, log_mel))
 
 
+def embedding_table(config, vggish, audio_vars, split='train'):
+  """`{clip id: [T, 128]}`: the frozen VGGish run once over a split.
+
+  Every process computes the whole split on its local devices (no
+  collectives); VGGish has no batch-dependent ops, so the embeddings are
+  those the train step would compute from the clip's log-mel.
+  """
+  dc = config.data
+  apply = jax.jit(functools.partial(audio_embeddings, vggish))
+  ds = data_lib.eval_dataset(dc.dir, dc.setting, split,
+                             batch_size=config.eval.batch_size,
+                             image_size=dc.image_size,
+                             num_workers=dc.num_workers,
+                             process_index=0, process_count=1)
+  total = -(-data_lib.num_examples(dc.dir, dc.setting, split) //
+            config.eval.batch_size)
+  table = {}
+  for batch in utils.progress(total, 0, f'VGGish on {split}', iterable=ds):
+    emb = np.asarray(apply(audio_vars, batch['log_mel']))
+    for i, e, ok in zip(batch['id'], emb, batch['valid']):
+      if ok:
+        table[str(i)] = e
+  return table
+
+
+def with_audio(batch, table):
+  """The batch with `audio` `[B, T, 128]` from `table` in place of `log_mel`."""
+  batch = dict(batch)
+  del batch['log_mel']
+  batch['audio'] = np.stack([table[str(i)] for i in batch['id']])
+  return batch
+
+
 def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
-  """One optimizer step on a global batch. Returns (state, metrics)."""
+  """One optimizer step on a global batch. Returns (state, metrics).
+
+  Audio: `batch['audio']` embeddings if present (`audio.precompute`), else
+  the frozen VGGish on `batch['log_mel']`.
+  """
   lc = config.loss
-  audio = audio_embeddings(vggish, audio_vars, batch['log_mel'])
+  audio = batch['audio'] if 'audio' in batch else audio_embeddings(
+      vggish, audio_vars, batch['log_mel'])
 
   def loss_fn(params):
     out, new_stats = model.apply(
@@ -232,6 +270,10 @@ def train_and_evaluate(config, workdir):
   replicated = NamedSharding(mesh, P())
   audio_vars = jax.device_put(load_audio_variables(config, vggish), replicated)
 
+  table = None
+  if config.audio.precompute:
+    table = embedding_table(config, vggish, audio_vars)
+
   mngr = ckpt_lib.manager(os.path.join(workdir, 'checkpoints'), keep=tc.keep)
   start = mngr.latest_step()
   if start is not None:
@@ -264,7 +306,10 @@ def train_and_evaluate(config, workdir):
   bar = utils.progress(total_steps, start, 'train')
   try:
     for step in range(start, total_steps):
-      batch = to_device(next(train_iter), data_sharding)
+      batch = next(train_iter)
+      if table is not None:
+        batch = with_audio(batch, table)
+      batch = to_device(batch, data_sharding)
       state, step_metrics = step_fn(state, batch, audio_vars)
       if pending is not None:
         _check_finite(*pending)

@@ -12,8 +12,9 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def progress(total, initial=0, desc=''):
-  return tqdm.tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+def progress(total, initial=0, desc='', iterable=None):
+  return tqdm.tqdm(iterable, total=total, initial=initial, desc=desc,
+                   dynamic_ncols=True,
                    disable=jax.process_index() != 0, file=sys.stderr)
 
 

@@ -7,10 +7,11 @@ def base_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Exactly the fields of the reference's model options.
+  # The reference's model options, plus head_channels (fixed at 128 there).
   c.model = ml_collections.ConfigDict(dict(
-      backbone='resnet50',        # 'resnet50' | 'pvt_v2_b0' ... 'pvt_v2_b5'
+      backbone='resnet50',        # 'resnet50' | 'pvt_v2_b0' ... 'pvt_v2_b5' | 'resnet_tiny'
       channels=256,
+      head_channels=128,          # the output head's first conv (reference: 128)
       tpavi_stages=(0, 1, 2, 3),
       tpavi_mode='dot',           # 'dot' | 'embedded' | 'gaussian' | 'concatenate'
       tpavi_vv=False,
@@ -32,6 +33,7 @@ def base_config():
       vggish_checkpoint='',       # vggish-10086976.pth (.npz/.safetensors)
       pca_checkpoint='',          # vggish_pca_params-970ea276.pth, if postprocess
       postprocess=False,          # the reference trains without PCA
+      precompute=False,           # train: run VGGish once per clip, not per step
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -42,6 +42,7 @@ TINY = {
     'data.synthetic.clips': 24,   # 16 train / 4 val / 4 test
     'data.synthetic.size': 32,
     'data.image_size': 32,
+    'model.backbone': 'pvt_v2_b0',  # drop-path: rng under sharding
     'model.channels': 16,
     'train.batch_size': 4,
     'eval.batch_size': 4,
@@ -50,6 +51,7 @@ TINY = {
     'train.warmup_steps': 0,
     'train.log_every': 1,
     'train.checkpoint_every': CKPT_EVERY,
+    'train.eval_every_epochs': 1,
     'train.keep': 3,
 }
 SUBPROCESS_TIMEOUT = 1500  # a cold compilation cache on two busy cores
@@ -591,3 +593,57 @@ def test_check_finite_names_the_step(value):
   with pytest.raises(FloatingPointError, match=r'at step 17\b'):
     train._check_finite(17, {'loss': np.float32(value)})  # pylint: disable=protected-access
   train._check_finite(17, {'loss': np.float32(0.5)})  # pylint: disable=protected-access
+
+
+# ---------------------------------------------------------------------------
+# audio.precompute: VGGish once per clip gives the per-step VGGish's step.
+
+
+def test_precomputed_audio_gives_the_same_step(overrides):
+  config = make_config(overrides)
+  dc = config.data
+  model = build_model(config.model)
+  vggish = build_vggish()
+  audio_vars = train.load_audio_variables(config, vggish)
+  table = train.embedding_table(config, vggish, audio_vars)
+  assert len(table) == data_lib.num_examples(dc.dir, dc.setting, 'train')
+  assert all(e.shape == (5, 128) for e in table.values())
+
+  batch = next(iter(data_lib.train_dataset(
+      dc.dir, dc.setting, batch_size=4, image_size=dc.image_size, seed=1)))
+  fast = train.with_audio(batch, table)
+  assert 'log_mel' not in fast and fast['audio'].shape == (4, 5, 128)
+  optimizer, _ = train.make_optimizer(config.train, 10)
+  variables = train.init_variables(config, model, dc.image_size)
+  state = train.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
+                           params=variables['params'],
+                           batch_stats=variables['batch_stats'],
+                           opt_state=optimizer.init(variables['params']))
+  step = jax.jit(lambda s, b: train.train_step(
+      s, b, audio_vars, model=model, vggish=vggish, optimizer=optimizer,
+      config=config))
+  keep = lambda b: {k: v for k, v in b.items() if k in train.NUMERIC_KEYS}
+  s1, m1 = step(state, keep(batch))
+  s2, m2 = step(state, keep(fast))
+  for k in m1:
+    np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
+  assert_trees_close(s2.params, s1.params, 1e-5, 1e-6, 'params')
+  # The embeddings are the audio's: a different clip's row differs.
+  ids = [str(i) for i in batch['id']]
+  assert not np.allclose(table[ids[0]], table[ids[1]])
+
+
+def test_synthetic_data_made_with_other_parameters_is_not_reused(overrides):
+  config = make_config(overrides)
+  record = os.path.join(config.data.dir, 'synthetic.json')
+  before = os.path.getmtime(record)
+  demo.ensure_synthetic_data(config)  # same parameters: reused as is
+  assert os.path.getmtime(record) == before
+  other = make_config(overrides, data__synthetic__clips=30)
+  with pytest.raises(demo.SyntheticDataError, match=re.escape(
+      config.data.dir)) as e:
+    demo.ensure_synthetic_data(other)
+  assert "'clips': 24" in str(e.value) and "'clips': 30" in str(e.value)
+  s4 = make_config(overrides, data__setting='s4')
+  with pytest.raises(demo.SyntheticDataError, match='setting'):
+    demo.ensure_synthetic_data(s4)
