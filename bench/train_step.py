@@ -132,7 +132,10 @@ def load_config(path, backbone):
       'bench_config', path if os.path.isabs(path) else os.path.join(ROOT, path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(backbone)
+  config = module.get_config(backbone)
+  if backbone:  # configs that take no argument (synthetic.py) too
+    config.model.backbone = backbone
+  return config
 
 
 def apply_override(config, item):
