@@ -87,7 +87,7 @@ def _curve_png(workdir, path):
 
 
 def _grid_png(config, workdir, ckpt, path, num_clips=3):
-  """Rows per clip: frames, ground truth, prediction (5 columns)."""
+  """Rows per clip: frames, ground-truth mask, predicted mask (5 columns)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -117,7 +117,7 @@ def _grid_png(config, workdir, ckpt, path, num_clips=3):
     for j in range(t):
       rows = [(frames[c, j], 'frame'),
               (batch['masks'][c, j], 'truth'),
-              (evaluate.overlay(frames[c, j], pred[c, j]), 'prediction')]
+              (pred[c, j].astype(np.float32), 'prediction')]
       for r, (img, label) in enumerate(rows):
         ax = axes[3 * c + r, j]
         ax.imshow(img, cmap='gray' if img.ndim == 2 else None,

@@ -48,10 +48,20 @@ def denormalize(frames):
   return np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
 
 
-def overlay(frame, mask, color=(255, 40, 40), alpha=0.5):
-  """`frame [H, W, 3] uint8`, `mask [H, W] bool` -> blended uint8 image."""
+def overlay(frame, mask, color=(255, 40, 40), alpha=0.5, edge=(255, 255, 255)):
+  """`frame [H, W, 3] uint8`, `mask [H, W] bool` -> blended uint8 image.
+
+  The mask is tinted with `color` and outlined with `edge`, so that it shows
+  on objects of the tint's colour too.
+  """
   out = frame.astype(np.float32)
   out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, np.float32)
+  inner = mask.copy()
+  inner[1:] &= mask[:-1]
+  inner[:-1] &= mask[1:]
+  inner[:, 1:] &= mask[:, :-1]
+  inner[:, :-1] &= mask[:, 1:]
+  out[mask & ~inner] = edge
   return out.astype(np.uint8)
 
 

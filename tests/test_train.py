@@ -647,3 +647,20 @@ def test_synthetic_data_made_with_other_parameters_is_not_reused(overrides):
   s4 = make_config(overrides, data__setting='s4')
   with pytest.raises(demo.SyntheticDataError, match='setting'):
     demo.ensure_synthetic_data(s4)
+
+
+def test_overlay_tints_the_mask_and_outlines_it():
+  frame = np.full((6, 6, 3), 100, np.uint8)
+  mask = np.zeros((6, 6), bool)
+  mask[1:5, 1:5] = True
+  out = evaluate.overlay(frame, mask)
+  np.testing.assert_array_equal(out[~mask], frame[~mask])  # outside: as is
+  edge = mask.copy()
+  edge[2:4, 2:4] = False
+  assert (out[edge] == 255).all()  # white outline
+  np.testing.assert_array_equal(out[2:4, 2:4].reshape(-1, 3),
+                                [[177, 70, 70]] * 4)  # half grey, half red
+  # On an object of the tint's colour the outline still shows.
+  red = np.zeros_like(frame)
+  red[...] = (255, 40, 40)
+  assert (evaluate.overlay(red, mask)[edge] != red[edge]).any(axis=-1).all()
