@@ -28,6 +28,8 @@ from avs_jax.data import records
 
 def _process(process_index, process_count):
   if process_index is None or process_count is None:
+    # JAX only when asked for: grain's worker processes import this module
+    # and need no JAX (its import costs them ~1 s and ~150 MB each).
     import jax  # pylint: disable=g-import-not-at-top
 
     process_index = (
@@ -140,9 +142,10 @@ def train_dataset(
     ]
     available = sum(lengths[process_index::process_count])
   if available < batch_size:
-    raise ValueError(
+    raise records.DataError(
         f'process {process_index} of {process_count} gets {available} '
-        f'training clips, fewer than batch_size={batch_size}'
+        f'training clips, fewer than batch_size={batch_size}: lower the batch '
+        'size or prepare more clips'
     )
   ds = grain.MapDataset.source(shards).shuffle(seed=seed).repeat()
   ds = ds.map(

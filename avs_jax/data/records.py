@@ -1,8 +1,10 @@
-"""The prepared dataset on disk: split files, random access, record decoding.
+"""The prepared dataset on disk: where it lives, random access, decoding.
 
 `data_dir` is the `--out` folder of `python -m data_prep.avsbench`; a setting
-lives in `data_dir/avs_bench/{setting}/1.0.0/` (a TFDS dataset: TFRecord
-shards + dataset_info.json). Decoding uses PIL and NumPy only.
+lives in `data_dir/avs_bench/{setting}/{VERSION}/` (a TFDS dataset: TFRecord
+shards + dataset_info.json, whose `configName` records the setting). The
+constants here are the dataset's layout; `data_prep` writes it with them.
+Decoding uses PIL and NumPy only.
 """
 
 import io
@@ -17,14 +19,41 @@ from PIL import Image
 
 from avs_jax.data import example_proto
 
-NAME = 'avs_bench'
-NUM_FRAMES = 5
+NAME = 'avs_bench'  # the TFDS dataset name
+VERSION = '1.0.0'  # of the record format: bump when the features change
+SETTINGS = ('s4', 'ms3')  # TFDS configs: Single-source, Multi-sources
+SPLITS = ('train', 'val', 'test')
+NUM_FRAMES = 5  # frames, masks and seconds of audio per clip
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+_PREPARE = 'python -m data_prep.avsbench'
+
+
+class DataError(ValueError):
+  """The prepared dataset cannot serve a request.
+
+  The message is one line: what is wrong, and what to do.
+  """
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+  """No prepared dataset of the setting where it was looked for."""
+
+
+def version_dir(data_dir, setting):
+  """`data_dir/avs_bench/{setting}/{VERSION}`: where data_prep writes."""
+  return os.path.join(data_dir, NAME, setting, VERSION)
+
+
+def shard_filename(split, index, num_shards):
+  """TFDS's default shard file name."""
+  return f'{NAME}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}'
 
 
 def dataset_dir(data_dir, setting):
   """`data_dir/avs_bench/{setting}/{newest version}` (or `data_dir` itself)."""
+  if setting not in SETTINGS:
+    raise DataError(f'unknown setting {setting!r} (expected s4 or ms3)')
   if os.path.isfile(os.path.join(data_dir, 'dataset_info.json')):
     return data_dir
   base = os.path.join(data_dir, NAME, setting)
@@ -37,32 +66,66 @@ def dataset_dir(data_dir, setting):
       key=lambda v: tuple(int(x) for x in v.split('.')),
   )
   if not versions:
-    raise FileNotFoundError(
+    raise DatasetNotFoundError(
         f'no prepared {setting!r} dataset under {data_dir!r} (expected '
-        f'{base}/<version>/dataset_info.json; run python -m data_prep.avsbench)'
+        f'{base}/<version>/dataset_info.json; run {_PREPARE} --root ROOT '
+        f'--setting {setting} --out {data_dir})'
     )
   return os.path.join(base, versions[-1])
 
 
+def _read_info(directory, setting):
+  """dataset_info.json of `directory`, checked to hold `setting`."""
+  path = os.path.join(directory, 'dataset_info.json')
+  try:
+    with open(path) as f:
+      info = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(
+        f'cannot read {path} ({e}): prepare the data again with '
+        f'{_PREPARE} --setting {setting}'
+    ) from e
+  have = info.get('configName')
+  if not have:
+    raise DataError(
+        f'{path} records no setting (configName): prepare the data again '
+        f'with {_PREPARE} --setting {setting}'
+    )
+  if have != setting:
+    raise DataError(
+        f'{directory} holds the {have!r} setting, not {setting!r} (configName '
+        f'in its dataset_info.json): point the data directory at the --out '
+        f'folder of {_PREPARE} --setting {setting} (the folder holding '
+        f'{NAME}/{setting}/), or ask for setting {have!r}'
+    )
+  return info
+
+
 def split_files(data_dir, setting, split):
-  """(shard paths, records per shard) of a split, from dataset_info.json."""
+  """(shard paths, records per shard) of a split, from dataset_info.json.
+
+  Raises DataError when the dataset is of another setting, lacks the split or
+  a shard file, and DatasetNotFoundError when there is none.
+  """
   directory = dataset_dir(data_dir, setting)
-  with open(os.path.join(directory, 'dataset_info.json')) as f:
-    info = json.load(f)
+  info = _read_info(directory, setting)
   splits = {s['name']: s for s in info.get('splits', [])}
   if split not in splits:
-    raise ValueError(
+    raise DataError(
         f'split {split!r} not in {directory} (has {sorted(splits)})'
     )
   lengths = [int(n) for n in splits[split].get('shardLengths', [])]
-  name = info.get('name', NAME)
-  fmt = info.get('fileFormat', 'tfrecord')
   paths = [
-      os.path.join(
-          directory, f'{name}-{split}.{fmt}-{i:05d}-of-{len(lengths):05d}'
-      )
+      os.path.join(directory, shard_filename(split, i, len(lengths)))
       for i in range(len(lengths))
   ]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise DataError(
+        f'{missing[0]} is missing ({len(missing)} of the {len(paths)} '
+        f'{split} shards in dataset_info.json): prepare the data again with '
+        f'{_PREPARE} --setting {setting}'
+    )
   return paths, lengths
 
 
@@ -97,17 +160,17 @@ class TFRecordSource:
           f.seek(start)
           header = f.read(12)
           if len(header) != 12:
-            raise ValueError(f'{path}: truncated TFRecord at byte {start}')
+            raise DataError(f'{path}: truncated TFRecord at byte {start}')
           (length,) = struct.unpack('<Q', header[:8])
           self._index.append((k, start + 12, length))
           start += 12 + length + 4
           count += 1
       if start != size:
-        raise ValueError(f'{path}: truncated TFRecord (ends mid-record)')
+        raise DataError(f'{path}: truncated TFRecord (ends mid-record)')
       if lengths is not None and count != lengths[k]:
-        raise ValueError(
+        raise DataError(
             f'{path}: {count} records, dataset_info.json says '
-            f'{lengths[k]} (re-run python -m data_prep.avsbench)'
+            f'{lengths[k]} (prepare the data again with {_PREPARE})'
         )
     self._fds = {}  # file number -> OS file descriptor, opened lazily
     self._lock = threading.Lock()
@@ -125,7 +188,7 @@ class TFRecordSource:
           fd = self._fds[k] = os.open(self._paths[k], os.O_RDONLY)
     data = os.pread(fd, length, offset)  # no shared file position: thread-safe
     if len(data) != length:
-      raise ValueError(f'{self._paths[k]}: record {i} is truncated')
+      raise DataError(f'{self._paths[k]}: record {i} is truncated')
     return data
 
   def __getstate__(self):
