@@ -11,9 +11,14 @@ data_dir=OUT)` (after importing `data_prep.tfds_builder`).
 
 Clips are read in parallel (one process per core by default). A shard whose
 clips were all written is skipped when the command is run again. A clip with
-a missing or unreadable frame, mask or wav is left out and reported in
-`OUT/errors.jsonl` (one JSON object per clip: setting, split, id, file,
-reason) and in the summary; the command then exits with status 1.
+a missing or unreadable frame, mask or wav, a mask of another size than its
+frame or a wav holding less than its header declares is left out, and so is
+a CSV row that is not a clip (a name that is not UTF-8 or not a file name,
+another split, an id listed twice): each is reported in `OUT/errors.jsonl`
+(one JSON object per clip: setting, split, id, file, reason) and in the
+summary, and the command then exits with status 1. The other clips are
+prepared. `dataset_info.json` records the setting (`configName`); the input
+pipeline refuses shards of another setting.
 """
 
 import argparse
@@ -26,26 +31,14 @@ import sys
 
 import tqdm
 
+from avs_jax.data import records
 from data_prep import layout
-
-NAME = 'avs_bench'
-VERSION = '1.0.0'
-
-
-def dataset_dir(out, setting):
-  """Where the TFDS dataset of `setting` lives under `out`."""
-  return os.path.join(out, NAME, setting, VERSION)
-
-
-def shard_filename(split, index, num_shards):
-  """TFDS's default shard file name."""
-  return f'{NAME}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}'
 
 
 def plan_shards(clips, clips_per_shard):
   """{split: [[Clip, ...] per shard]}: contiguous runs of the sorted clips."""
   plan = {}
-  for split in layout.SPLITS:
+  for split in records.SPLITS:
     group = [c for c in clips if c.split == split]
     if group:
       num = math.ceil(len(group) / clips_per_shard)
@@ -55,18 +48,19 @@ def plan_shards(clips, clips_per_shard):
 
 
 def _load(clip):
-  """(clip, record or None, error dict or None); never raises."""
+  """(record or None, error dict or None); never raises."""
   try:
-    return clip, layout.load_clip(clip), None
+    return layout.load_clip(clip), None
   except layout.ClipError as e:
     file, reason = e.file, e.reason
   except Exception as e:  # pylint: disable=broad-except
-    file, reason = '', f'{type(e).__name__}: {e}'
-  return (
-      clip,
-      None,
-      dict(split=clip.split, id=clip.id, file=file, reason=reason),
-  )
+    file = os.path.dirname(clip.frames[0])  # the clip's folder
+    reason = f'unexpected error: {type(e).__name__}: {e}'
+  return None, dict(split=clip.split, id=clip.id, file=file, reason=reason)
+
+
+def _state_path(out, setting, filename):
+  return os.path.join(out, '.prepare', setting, filename + '.json')
 
 
 def _read_state(out, setting, filename, clips):
@@ -76,7 +70,7 @@ def _read_state(out, setting, filename, clips):
       state = json.load(f)
   except (OSError, ValueError):
     return None
-  shard = os.path.join(dataset_dir(out, setting), filename)
+  shard = os.path.join(records.version_dir(out, setting), filename)
   if (
       state.get('ids') != [c.id for c in clips]
       or not os.path.isfile(shard)
@@ -86,40 +80,43 @@ def _read_state(out, setting, filename, clips):
   return state
 
 
-def _state_path(out, setting, filename):
-  return os.path.join(out, '.prepare', setting, filename + '.json')
-
-
 @functools.cache
-def _tf():
-  """TensorFlow for TFRecord writing only, kept off any GPU (JAX may own it)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+def _tfds():
+  """(tf, tfds, tfds_builder), imported by the writing process only.
+
+  Not at the top: spawn imports this module again in every reader process,
+  which needs neither TensorFlow (~5 s and ~0.5 GB to import) nor TFDS.
+  TensorFlow is kept off any GPU (prepare may run where JAX owns it).
+  """
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  from data_prep import tfds_builder
+  # pylint: enable=g-import-not-at-top
 
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TensorFlow was initialised earlier by the caller.
     pass
-  return tf
+  return tf, tfds, tfds_builder
 
 
 @functools.cache
 def _features():
-  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
-
-  return tfds_builder.features()
+  return _tfds()[2].features()
 
 
-def _write_shard(out, setting, filename, clips, records, errors):
+def _write_shard(out, setting, filename, clips, examples, errors):
   """Writes one shard atomically, then its state; returns the state."""
-  tf, features = _tf(), _features()
-  path = os.path.join(dataset_dir(out, setting), filename)
+  tf, features = _tfds()[0], _features()
+  path = os.path.join(records.version_dir(out, setting), filename)
   with tf.io.TFRecordWriter(path + '.tmp') as writer:
-    for record in records:
-      writer.write(features.serialize_example(record))
+    for example in examples:
+      writer.write(features.serialize_example(example))
   os.replace(path + '.tmp', path)
   state = dict(
       ids=[c.id for c in clips],
-      num_examples=len(records),
+      num_examples=len(examples),
       num_bytes=os.path.getsize(path),
       errors=errors,
   )
@@ -132,25 +129,22 @@ def _write_shard(out, setting, filename, clips, records, errors):
 
 def _write_info(out, setting, plan, states):
   """dataset_info.json and features.json through the TFDS builder."""
-  _tf()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
-
+  _, tfds, tfds_builder = _tfds()
   builder = tfds_builder.AvsBench(config=setting, data_dir=out)
   splits = [
       tfds.core.SplitInfo(
           name=split,
           shard_lengths=[
-              states[split][i]['num_examples'] for i in range(len(shards))
+              states[split, i]['num_examples'] for i in range(len(shards))
           ],
           num_bytes=sum(
-              states[split][i]['num_bytes'] for i in range(len(shards))
+              states[split, i]['num_bytes'] for i in range(len(shards))
           ),
       )
       for split, shards in plan.items()
   ]
   builder.info.set_splits(tfds.core.SplitDict(splits))
-  builder.info.write_to_directory(dataset_dir(out, setting))
+  builder.info.write_to_directory(records.version_dir(out, setting))
 
 
 def _write_errors(out, setting, errors):
@@ -174,93 +168,98 @@ def _remove_stale(directory, keep):
   """Deletes shards of earlier runs with another shard count."""
   for name in os.listdir(directory):
     if (
-        name.startswith(NAME + '-')
+        name.startswith(records.NAME + '-')
         and '.tfrecord-' in name
         and name not in keep
     ):
       os.remove(os.path.join(directory, name))
 
 
+def _write_shards(out, setting, todo, workers, bar):
+  """Reads the clips of the `todo` shards in parallel, writes those shards.
+
+  `todo`: [(split, index, filename, clips)]. Returns {(split, index): state}.
+  """
+  jobs = [clip for *_, clips in todo for clip in clips]
+  workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+  # spawn: the caller may hold threads (JAX, TF) that fork would copy.
+  pool = (
+      multiprocessing.get_context('spawn').Pool(workers)
+      if workers > 1
+      else None
+  )
+  states = {}
+  try:
+    results = pool.imap(_load, jobs, chunksize=1) if pool else map(_load, jobs)
+    for split, i, filename, clips in todo:
+      examples, errors = [], []
+      for _ in clips:
+        example, error = next(results)
+        if error:
+          errors.append(error)
+          bar.write(f'error: {error["id"]}: {error["file"]}: {error["reason"]}')
+        else:
+          examples.append(example)
+        bar.update(1)
+      states[split, i] = _write_shard(
+          out, setting, filename, clips, examples, errors
+      )
+  finally:
+    if pool:
+      pool.close()
+      pool.join()
+  return states
+
+
 def prepare(root, setting, out, *, workers=None, clips_per_shard=64):
   """Writes the TFDS dataset of `setting`; returns (errors, {split: count}).
 
+  errors: a dict (split, id, file, reason) per CSV row or clip left out.
   Raises layout.LayoutError for a wrong root, CSV or setting.
   """
-  clips = layout.read_clips(root, setting)
+  clips, problems = layout.read_clips(root, setting)
   if not clips:
+    first = f' ({problems[0]["reason"]}, ...)' if problems else ''
     raise layout.LayoutError(
-        f'{layout.csv_path(root, setting)} lists no train/val/test clip'
+        f'{layout.csv_path(root, setting)} lists no train/val/test clip{first}'
     )
   plan = plan_shards(clips, clips_per_shard)
-  directory = dataset_dir(out, setting)
+  directory = records.version_dir(out, setting)
   os.makedirs(directory, exist_ok=True)
   os.makedirs(os.path.join(out, '.prepare', setting), exist_ok=True)
-  names = {
-      split: [shard_filename(split, i, len(shards)) for i in range(len(shards))]
-      for split, shards in plan.items()
-  }
-  _remove_stale(directory, {n for ns in names.values() for n in ns})
+  shards = [
+      (split, i, records.shard_filename(split, i, len(group)), shard)
+      for split, group in plan.items()
+      for i, shard in enumerate(group)
+  ]
+  _remove_stale(directory, {filename for _, _, filename, _ in shards})
 
   # A shard is done when its file and state match and none of its clips failed
   # (a shard with failed clips is written, and retried on the next run).
-  states = {split: {} for split in plan}
-  todo = []
-  for split, shards in plan.items():
-    for i, shard in enumerate(shards):
-      state = _read_state(out, setting, names[split][i], shard)
-      if state is not None and not state['errors']:
-        states[split][i] = state
-      else:
-        todo.append((split, i, shard))
-
-  done = sum(len(plan[s][i]) for s in states for i in states[s])
-  jobs = [clip for _, _, shard in todo for clip in shard]
-  workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+  states, todo = {}, []
+  for split, i, filename, shard in shards:
+    state = _read_state(out, setting, filename, shard)
+    if state is not None and not state['errors']:
+      states[split, i] = state
+    else:
+      todo.append((split, i, filename, shard))
+  done = sum(len(shard) for *_, shard in shards) - sum(
+      len(shard) for *_, shard in todo
+  )
   with tqdm.tqdm(
       total=len(clips), initial=done, unit='clip', desc=f'{setting} clips'
   ) as bar:
-    if jobs:
-      # spawn: the caller may hold threads (JAX, TF) that fork would copy.
-      pool = (
-          multiprocessing.get_context('spawn').Pool(workers)
-          if workers > 1
-          else None
-      )
-      try:
-        results = (
-            pool.imap(_load, jobs, chunksize=1) if pool else map(_load, jobs)
-        )
-        for split, i, shard in todo:
-          records, errors = [], []
-          for _ in shard:
-            _, record, error = next(results)
-            if error:
-              errors.append(error)
-              bar.write(
-                  f'error: {error["id"]}: {error["file"]}: {error["reason"]}'
-              )
-            else:
-              records.append(record)
-            bar.update(1)
-          states[split][i] = _write_shard(
-              out, setting, names[split][i], shard, records, errors
-          )
-      finally:
-        if pool:
-          pool.close()
-          pool.join()
+    if todo:
+      states.update(_write_shards(out, setting, todo, workers, bar))
 
   _write_info(out, setting, plan, states)
-  errors = [
-      e
-      for split in plan
-      for i in sorted(states[split])
-      for e in states[split][i]['errors']
+  errors = problems + [
+      e for split, i, _, _ in shards for e in states[split, i]['errors']
   ]
   _write_errors(out, setting, errors)
   counts = {
-      split: sum(s['num_examples'] for s in states[split].values())
-      for split in plan
+      split: sum(states[split, i]['num_examples'] for i in range(len(group)))
+      for split, group in plan.items()
   }
   return errors, counts
 
@@ -272,8 +271,7 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f'{self.prog}: error: {message}\n')
 
 
-def main(argv=None):
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+def _parser():
   parser = _Parser(
       prog='python -m data_prep.avsbench', description=__doc__.split('\n')[0]
   )
@@ -285,7 +283,7 @@ def main(argv=None):
   parser.add_argument(
       '--setting',
       required=True,
-      choices=layout.SETTINGS,
+      choices=records.SETTINGS,
       help='s4 (Single-source) or ms3 (Multi-sources)',
   )
   parser.add_argument(
@@ -305,6 +303,12 @@ def main(argv=None):
       default=64,
       help='clips per TFRecord shard (default: 64)',
   )
+  return parser
+
+
+def main(argv=None):
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  parser = _parser()
   args = parser.parse_args(argv)
   if args.clips_per_shard < 1:
     parser.error('--clips_per_shard must be at least 1')
@@ -316,16 +320,13 @@ def main(argv=None):
         workers=args.workers or None,
         clips_per_shard=args.clips_per_shard,
     )
-  except layout.LayoutError as e:
-    print(f'{parser.prog}: error: {e}', file=sys.stderr)
-    return 2
-  except OSError as e:  # e.g. --out not writable
+  except (layout.LayoutError, OSError) as e:  # OSError: --out not writable
     print(f'{parser.prog}: error: {e}', file=sys.stderr)
     return 2
   written = ', '.join(f'{split} {n}' for split, n in counts.items())
   print(
       f'{args.setting}: wrote {written} clips to '
-      f'{dataset_dir(args.out, args.setting)}'
+      f'{records.version_dir(args.out, args.setting)}'
   )
   if errors:
     print(

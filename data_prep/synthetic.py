@@ -18,27 +18,37 @@ mask t. Masks are the union of the objects sounding in that second. Audio is
 
   python -m data_prep.synthetic --out /tmp/avsbench_synth --clips 300 \
       --seed 0 --size 96
+
+`ensure_synthetic_data(config)` gives the demo its data: generated and
+prepared once, reused while the parameters match.
 """
 
 import argparse
 import csv
 import dataclasses
+import json
 import multiprocessing
 import os
 import sys
 
+import jax
 import numpy as np
 from PIL import Image
 import soundfile
 import tqdm
 
+from avs_jax import data as data_lib
+from avs_jax import utils
+from avs_jax.data import records
+from data_prep import avsbench
+from data_prep import layout
+
 SAMPLE_RATE = 16000
-NUM_FRAMES = 5
-NUM_SAMPLES = 5 * SAMPLE_RATE
-VERSION = 2  # of the generator's output; bump when clips change
+NUM_FRAMES = records.NUM_FRAMES
+NUM_SAMPLES = NUM_FRAMES * SAMPLE_RATE
+GENERATOR_VERSION = 2  # of the generator's output; bump when clips change
 MS3_PAUSE = 0.1  # MS3: chance that a source is silent in a given second
 SEGMENT_SECONDS = 0.96  # VGGish example hop: example t <-> frame t.
-SPLITS = ('train', 'val', 'test')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +89,6 @@ CLASSES = tuple(
     SynthClass(*look, band=band)
     for look, band in zip(_LOOKS, _mel_bands(len(_LOOKS)))
 )
-CLASS_BY_NAME = {c.name: c for c in CLASSES}
 
 
 # ----------------------------------------------------------------------------
@@ -275,8 +284,10 @@ def sounding_schedule(rng, num_objects, setting):
     return [{int(rng.integers(num_objects))}] * NUM_FRAMES
   count = min(int(rng.choice((1, 2), p=(0.4, 0.6))), num_objects)
   sources = rng.choice(num_objects, count, replace=False).tolist()
-  return [{k for k in sources if rng.random() >= MS3_PAUSE}
-          for _ in range(NUM_FRAMES)]
+  return [
+      {k for k in sources if rng.random() >= MS3_PAUSE}
+      for _ in range(NUM_FRAMES)
+  ]
 
 
 def make_clip(seed, setting, index, size):
@@ -313,9 +324,9 @@ def split_of(index, num_clips):
   return 'val' if index < num_train + num_val else 'test'
 
 
-def _save_png(path, array, **kw):
+def _save_png(path, img):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path, compress_level=1, **kw)
+  img.save(path, compress_level=1)
 
 
 def _palette_mask(mask):
@@ -332,32 +343,22 @@ def write_clip(root, seed, setting, index, num_clips, size):
   name = f'{setting}_{index:05d}'
   if setting == 's4':
     category = clip['sounding'][0][0]
-    base = os.path.join(root, 'Single-source', 's4_data')
-    frame_dir = os.path.join(base, 'visual_frames', split, category, name)
-    frame_file = lambda i: os.path.join(frame_dir, f'{name}_{i}.png')
-    wav = os.path.join(base, 'audio_wav', split, category, name + '.wav')
-    mask_dir = os.path.join(base, 'gt_masks', split, category, name)
-    num_masks = 1 if split == 'train' else NUM_FRAMES
     row = dict(name=name, start_time=0, category=category, split=split)
   else:
-    base = os.path.join(root, 'Multi-sources', 'ms3_data')
-    frame_dir = os.path.join(base, 'visual_frames', name)
-    frame_file = lambda i: os.path.join(frame_dir, f'{name}.mp4_{i}.png')
-    wav = os.path.join(base, 'audio_wav', split, name + '.wav')
-    mask_dir = os.path.join(base, 'gt_masks', split, name)
-    num_masks = NUM_FRAMES
+    category = ''
     row = dict(video_id=name, split=split)
-  for i in range(NUM_FRAMES):
-    _save_png(frame_file(i + 1), clip['frames'][i])
-  for i in range(num_masks):
-    path = os.path.join(mask_dir, f'{name}_{i + 1}.png')
+  files = layout.locate(root, setting, name, split, category)
+  for path, frame in zip(files.frames, clip['frames']):
+    _save_png(path, Image.fromarray(frame))
+  for path, mask in zip(files.masks, clip['masks']):
+    if path is None:  # S4 train: only the first frame is labelled
+      continue
     if setting == 's4':  # 0/255 grayscale
-      _save_png(path, clip['masks'][i].astype(np.uint8) * 255)
+      _save_png(path, Image.fromarray(mask.astype(np.uint8) * 255))
     else:
-      os.makedirs(mask_dir, exist_ok=True)
-      _palette_mask(clip['masks'][i]).save(path, compress_level=1)
-  os.makedirs(os.path.dirname(wav), exist_ok=True)
-  soundfile.write(wav, clip['audio'], SAMPLE_RATE, subtype='PCM_16')
+      _save_png(path, _palette_mask(mask))
+  os.makedirs(os.path.dirname(files.wav), exist_ok=True)
+  soundfile.write(files.wav, clip['audio'], SAMPLE_RATE, subtype='PCM_16')
   row['objects'] = ' '.join(clip['objects'])
   row['sounding'] = '|'.join('+'.join(s) for s in clip['sounding'])
   return setting, row
@@ -367,8 +368,9 @@ def _write_job(args):
   return write_clip(*args)
 
 
-def generate(root, num_clips, seed=0, size=224, workers=None,
-             settings=('s4', 'ms3')):
+def generate(
+    root, num_clips, seed=0, size=224, workers=None, settings=('s4', 'ms3')
+):
   """Writes the subsets (`settings`) of `num_clips` clips each under `root`."""
   jobs = [
       (root, seed, setting, i, num_clips, size)
@@ -386,15 +388,10 @@ def generate(root, num_clips, seed=0, size=224, workers=None,
             unit='clip',
         )
     )
-  for setting, sub, fields in (
-      ('s4', 'Single-source', ['name', 'start_time', 'category', 'split']),
-      ('ms3', 'Multi-sources', ['video_id', 'split']),
-  ):
-    if setting not in settings:
-      continue
-    path = os.path.join(root, sub, f'{setting}_meta_data.csv')
-    with open(path, 'w', newline='') as f:
-      writer = csv.DictWriter(f, fields + ['objects', 'sounding'])
+  for setting in settings:
+    fields = list(layout.CSV_FIELDS[setting]) + ['objects', 'sounding']
+    with open(layout.csv_path(root, setting), 'w', newline='') as f:
+      writer = csv.DictWriter(f, fields)
       writer.writeheader()
       writer.writerows(row for s, row in rows if s == setting)
 
@@ -409,6 +406,76 @@ class _NoPool:
 
   def __exit__(self, *exc):
     return False
+
+
+# ----------------------------------------------------------------------------
+# The demo's data: generated and prepared once, reused while parameters match.
+
+
+class SyntheticDataError(ValueError):
+  """The synthetic data on disk was made with other parameters."""
+
+
+def _recorded(folder, want, config):
+  """The parameters recorded in `folder` (None if none); raises if not `want`.
+
+  The message names both folders of `config.data` to delete.
+  """
+  path = os.path.join(folder, 'synthetic.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    have = json.load(f)
+  if have != want:
+    raise SyntheticDataError(
+        f'{folder} holds synthetic data made with {have}, the config asks '
+        f'for {want}: delete {config.data.dir} and '
+        f'{config.data.synthetic.root}, or point --config.data.dir and '
+        '--config.data.synthetic.root elsewhere'
+    )
+  return have
+
+
+def _record(folder, want):
+  with open(os.path.join(folder, 'synthetic.json'), 'w') as f:
+    json.dump(want, f)
+
+
+def ensure_synthetic_data(config):
+  """Generates the synthetic AVSBench and its shards unless already there.
+
+  `config.data`: dir (the shards), setting, and synthetic.{root, clips, seed,
+  size}. The generation parameters are recorded in both folders
+  (`synthetic.json`); data made with other parameters (or by an older
+  generator) is not reused: that raises SyntheticDataError naming the folders
+  to delete. An interrupted generation or preparation is redone (resumed) on
+  the next call.
+  """
+  sc, dc = config.data.synthetic, config.data
+  want = dict(
+      version=GENERATOR_VERSION, clips=sc.clips, seed=sc.seed, size=sc.size
+  )
+  want_raw = dict(want, settings=[dc.setting])
+  want_shards = dict(want, setting=dc.setting)
+  if _recorded(dc.dir, want_shards, config):
+    data_lib.num_examples(dc.dir, dc.setting, 'train')  # readable
+    return
+  if jax.process_index() != 0:
+    raise RuntimeError('prepare the synthetic data on process 0 first')
+  if not _recorded(sc.root, want_raw, config):  # absent, or interrupted
+    utils.log(f'generating {sc.clips} synthetic clips in {sc.root}')
+    generate(
+        sc.root, sc.clips, seed=sc.seed, size=sc.size, settings=(dc.setting,)
+    )
+    _record(sc.root, want_raw)
+  utils.log(f'preparing shards in {dc.dir}')
+  errors, _ = avsbench.prepare(sc.root, dc.setting, dc.dir)
+  if errors:
+    raise RuntimeError(
+        f'{len(errors)} synthetic clips failed to prepare; see '
+        f'{dc.dir}/errors.jsonl'
+    )
+  _record(dc.dir, want_shards)
 
 
 def main(argv=None):

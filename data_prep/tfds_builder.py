@@ -10,8 +10,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from avs_jax.data import records
 from data_prep import layout
-from data_prep.avsbench import VERSION
 
 _DESCRIPTION = """\
 AVSBench-object (Zhou et al., "Audio-Visual Segmentation", ECCV 2022): 5 s
@@ -44,15 +44,15 @@ def features():
           'category': f.Text(),
           'frames': f.Sequence(
               f.Image(shape=(None, None, 3), encoding_format='png'),
-              length=layout.NUM_FRAMES,
+              length=records.NUM_FRAMES,
           ),
           'masks': f.Sequence(
               f.Image(shape=(None, None, 1), encoding_format='png'),
-              length=layout.NUM_FRAMES,
+              length=records.NUM_FRAMES,
           ),
-          'labelled': f.Tensor(shape=(layout.NUM_FRAMES,), dtype=np.bool_),
+          'labelled': f.Tensor(shape=(records.NUM_FRAMES,), dtype=np.bool_),
           'log_mel': f.Tensor(
-              shape=(layout.NUM_FRAMES, 96, 64),
+              shape=(records.NUM_FRAMES, 96, 64),
               dtype=np.float32,
               encoding=f.Encoding.BYTES,
           ),
@@ -63,7 +63,7 @@ def features():
 class AvsBench(tfds.core.GeneratorBasedBuilder):
   """AVSBench-object, S4 and MS3 settings."""
 
-  VERSION = tfds.core.Version(VERSION)
+  VERSION = tfds.core.Version(records.VERSION)
   RELEASE_NOTES = {
       str(VERSION): 'Frames, masks, labelled flags, VGGish log-mel.'
   }
@@ -96,12 +96,14 @@ class AvsBench(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    clips = layout.read_clips(
+    clips, problems = layout.read_clips(
         str(dl_manager.manual_dir), self.builder_config.name
     )
+    for p in problems:  # `data_prep.avsbench` reports these.
+      logging.warning('skipping %s: %s', p['file'], p['reason'])
     return {
         split: self._generate_examples([c for c in clips if c.split == split])
-        for split in layout.SPLITS
+        for split in records.SPLITS
         if any(c.split == split for c in clips)
     }
 

@@ -1,11 +1,14 @@
 """avs_jax.data: batches vs source files, eval coverage, train order, state."""
 
+from concurrent import futures
 import csv
 import gc
 import os
+import shutil
 import subprocess
 import sys
 
+import etils.epath
 import grain
 import numpy as np
 from PIL import Image
@@ -13,7 +16,9 @@ import pytest
 
 from avs_jax import audio
 from avs_jax import data
+from avs_jax.data import records
 from data_prep import avsbench
+from data_prep import layout
 from data_prep import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,23 +63,19 @@ def take(ds, n):
 
 
 def source(root, setting, row, i):
-  """Frame i (uint8 RGB), mask i (bool or None) and wav path of a CSV row."""
-  if setting == 's4':
-    n, c, s = row['name'], row['category'], row['split']
-    base = f'{root}/Single-source/s4_data'
-    frame = f'{base}/visual_frames/{s}/{c}/{n}/{n}_{i + 1}.png'
-    mask = f'{base}/gt_masks/{s}/{c}/{n}/{n}_{i + 1}.png'
-    wav = f'{base}/audio_wav/{s}/{c}/{n}.wav'
-  else:
-    n, s = row['video_id'], row['split']
-    base = f'{root}/Multi-sources/ms3_data'
-    frame = f'{base}/visual_frames/{n}/{n}.mp4_{i + 1}.png'
-    mask = f'{base}/gt_masks/{s}/{n}/{n}_{i + 1}.png'
-    wav = f'{base}/audio_wav/{s}/{n}.wav'
+  """Frame i (RGB), mask i (grayscale or None) and wav path of a CSV row."""
+  clip = layout.locate(
+      root,
+      setting,
+      row['name' if setting == 's4' else 'video_id'],
+      row['split'],
+      row.get('category', ''),
+  )
+  mask = clip.masks[i]
   return (
-      Image.open(frame).convert('RGB'),
-      (Image.open(mask).convert('L') if os.path.exists(mask) else None),
-      wav,
+      Image.open(clip.frames[i]).convert('RGB'),
+      Image.open(mask).convert('L') if mask else None,
+      clip.wav,
   )
 
 
@@ -118,9 +119,7 @@ def test_batches_match_source_files(env, setting, split, image_size):
         np.testing.assert_allclose(
             b['frames'][j, i], (want / 255 - MEAN) / STD, atol=1e-5
         )
-        labelled = mask is not None and not (
-            setting == 's4' and split == 'train' and i > 0
-        )
+        labelled = mask is not None
         assert b['labelled'][j, i] == labelled
         want = (
             np.asarray(mask.resize((w, h), Image.NEAREST)) >= 128
@@ -255,8 +254,6 @@ def test_restored_iterator_yields_the_same_batches(env, workers):
 
 
 def test_grain_checkpoint_handler_round_trip(env, tmp_path):
-  import etils.epath  # pylint: disable=g-import-not-at-top
-
   it = iter(train(env))
   next(it)
   grain.checkpoint.CheckpointHandler().save(etils.epath.Path(tmp_path), item=it)
@@ -289,6 +286,10 @@ def test_pipeline_does_not_import_tensorflow(env):
 def test_bad_requests(env, tmp_path):
   with pytest.raises(FileNotFoundError, match='data_prep.avsbench'):
     data.num_examples(str(tmp_path), 'ms3', 'train')
+  with pytest.raises(data.DataError, match='no prepared'):
+    data.num_examples(str(tmp_path), 'ms3', 'train')
+  with pytest.raises(data.DataError, match="unknown setting 'avss'"):
+    data.num_examples(env['out'], 'avss', 'train')
   with pytest.raises(ValueError, match='split'):
     data.eval_dataset(
         env['out'],
@@ -305,9 +306,6 @@ def test_bad_requests(env, tmp_path):
 
 def test_random_access_is_thread_safe(env):
   """grain reads a MapDataset with many threads: records must not get mixed."""
-  from concurrent import futures  # pylint: disable=g-import-not-at-top
-  from avs_jax.data import records  # pylint: disable=g-import-not-at-top
-
   source = records.TFRecordSource(
       *records.split_files(env['out'], 'ms3', 'train')
   )
@@ -316,3 +314,51 @@ def test_random_access_is_thread_safe(env):
   with futures.ThreadPoolExecutor(8) as pool:
     got = list(pool.map(source.__getitem__, order))
   assert all(g == expected[i] for g, i in zip(got, order))
+
+
+def one_line_error(make):
+  with pytest.raises(data.DataError) as e:
+    make()
+  assert '\n' not in str(e.value)
+  return str(e.value)
+
+
+def test_shards_of_another_setting_are_refused(env, tmp_path):
+  """Wherever S4 shards are found, asking for MS3 is one clear error."""
+  s4_version = os.path.join(env['out'], 'avs_bench', 's4', '1.0.0')
+  moved = str(tmp_path / 'moved')  # S4 shards copied where MS3 ones belong
+  shutil.copytree(
+      os.path.join(env['out'], 'avs_bench', 's4'),
+      os.path.join(moved, 'avs_bench', 'ms3'),
+  )
+  kw = dict(batch_size=2, image_size=32, process_index=0, process_count=1)
+  for data_dir in (s4_version, moved):
+    for make in (
+        lambda: data.num_examples(data_dir, 'ms3', 'train'),
+        lambda: data.train_dataset(data_dir, 'ms3', seed=0, **kw),
+        lambda: data.eval_dataset(data_dir, 'ms3', 'test', **kw),
+    ):
+      message = one_line_error(make)
+      assert "holds the 's4' setting, not 'ms3'" in message, message
+      assert 'data_prep.avsbench --setting ms3' in message
+  assert data.num_examples(s4_version, 's4', 'train') == 8  # as S4: fine
+
+
+def test_missing_or_truncated_shard_is_one_clear_error(env, tmp_path):
+  copy = str(tmp_path / 'ms3')
+  shutil.copytree(os.path.join(env['out'], 'avs_bench', 'ms3', '1.0.0'), copy)
+  shard = os.path.join(copy, 'avs_bench-train.tfrecord-00001-of-00003')
+  with open(shard, 'rb') as f:
+    content = f.read()
+  with open(shard, 'wb') as f:
+    f.write(content[:-100])
+  kw = dict(batch_size=2, image_size=32, process_index=0, process_count=1)
+  message = one_line_error(
+      lambda: list(data.eval_dataset(copy, 'ms3', 'train', **kw))
+  )
+  assert shard in message and 'truncated' in message
+  os.remove(shard)
+  message = one_line_error(
+      lambda: data.train_dataset(copy, 'ms3', seed=0, **kw)
+  )
+  assert f'{shard} is missing' in message

@@ -1,17 +1,22 @@
-"""Synthetic AVSBench: layout, determinism; the audio decides the mask."""
+"""Synthetic AVSBench: layout, determinism, the audio decides the mask; the
+demo's data is made once and refused when made with other parameters.
+"""
 
 import csv
 import hashlib
 import os
+import re
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 import soundfile as sf
 
 from avs_jax import audio
+from avs_jax import data
 from data_prep import synthetic
 
 SIZE = 48
@@ -121,6 +126,7 @@ def sounding(row):
 def test_masks_are_the_sounding_objects(root, setting):
   """Silent objects stay visible; masks cover the sounding objects only."""
   seen_empty = seen_two = False
+  classes = {c.name: c for c in synthetic.CLASSES}
   for row in read_csv(root, setting):
     frames, masks, _ = clip_files(root, setting, row)
     objects = row['objects'].split()
@@ -135,7 +141,7 @@ def test_masks_are_the_sounding_objects(root, setting):
       seen_two |= len(per_second[t]) == 2
       assert mask.any() == bool(per_second[t])
       for name in objects:
-        pixels = near(img, synthetic.CLASS_BY_NAME[name].color)
+        pixels = near(img, classes[name].color)
         assert pixels.sum() >= 4, f'{name} not visible in {frames[t]}'
         inside = (pixels & mask).sum() / pixels.sum()
         if name in per_second[t]:
@@ -194,3 +200,40 @@ def test_cli_rejects_too_few_clips(tmp_path):
   )
   assert proc.returncode == 2
   assert proc.stderr.strip().count('\n') == 0 and 'clips' in proc.stderr
+
+
+def demo_config(base, setting='ms3', clips=6):
+  """The `data` part of a demo config (configs/synthetic.py), tiny."""
+  return ml_collections.ConfigDict(
+      dict(
+          data=dict(
+              dir=str(base / 'tfds'),
+              setting=setting,
+              synthetic=dict(
+                  root=str(base / 'raw'), clips=clips, seed=0, size=32
+              ),
+          )
+      )
+  )
+
+
+def test_demo_data_made_once_and_refused_with_other_parameters(tmp_path):
+  config = demo_config(tmp_path)
+  synthetic.ensure_synthetic_data(config)
+  assert data.num_examples(config.data.dir, 'ms3', 'train') == 4
+  assert not os.path.exists(f'{tmp_path}/raw/Single-source')  # MS3 only
+  raw = os.path.join(config.data.synthetic.root, 'synthetic.json')
+  shards = os.path.join(config.data.dir, 'synthetic.json')
+  made = os.path.getmtime(raw), os.path.getmtime(shards)
+  synthetic.ensure_synthetic_data(config)  # same parameters: reused as is
+  assert (os.path.getmtime(raw), os.path.getmtime(shards)) == made
+  os.remove(shards)  # as if preparation was interrupted: redone, not the clips
+  synthetic.ensure_synthetic_data(config)
+  assert os.path.getmtime(raw) == made[0] and os.path.exists(shards)
+  with pytest.raises(
+      synthetic.SyntheticDataError, match=re.escape(config.data.dir)
+  ) as e:
+    synthetic.ensure_synthetic_data(demo_config(tmp_path, clips=7))
+  assert "'clips': 6" in str(e.value) and "'clips': 7" in str(e.value)
+  with pytest.raises(synthetic.SyntheticDataError, match='setting'):
+    synthetic.ensure_synthetic_data(demo_config(tmp_path, setting='s4'))
