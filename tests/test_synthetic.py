@@ -39,7 +39,11 @@ def read_csv(root, setting):
 
 
 def clip_files(root, setting, row):
-  """(frames, masks, wav) paths as the issue describes the AVSBench layout."""
+  """(frames, masks, wav) paths of the documented AVSBench layout.
+
+  Stated here independently of `data_prep.layout.locate` (which the generator
+  writes with and the preparation reads with), so a wrong path fails here.
+  """
   if setting == 's4':
     name, cat, split = row['name'], row['category'], row['split']
     base = f'{root}/Single-source/s4_data'
