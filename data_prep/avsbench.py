@@ -243,9 +243,7 @@ def prepare(root, setting, out, *, workers=None, clips_per_shard=64):
       states[split, i] = state
     else:
       todo.append((split, i, filename, shard))
-  done = sum(len(shard) for *_, shard in shards) - sum(
-      len(shard) for *_, shard in todo
-  )
+  done = len(clips) - sum(len(shard) for *_, shard in todo)
   with tqdm.tqdm(
       total=len(clips), initial=done, unit='clip', desc=f'{setting} clips'
   ) as bar:
