@@ -344,6 +344,22 @@ def test_shards_of_another_setting_are_refused(env, tmp_path):
   assert data.num_examples(s4_version, 's4', 'train') == 8  # as S4: fine
 
 
+def test_newest_version_folder_is_read(env, tmp_path):
+  base = tmp_path / 'avs_bench' / 'ms3'
+  shutil.copytree(
+      os.path.join(env['out'], 'avs_bench', 'ms3', '1.0.0'), base / '1.0.0'
+  )
+  shutil.copytree(
+      os.path.join(env['out'], 'avs_bench', 's4', '1.0.0'), base / '0.9.0'
+  )
+  (base / '1.0.0.old').mkdir()  # a copy put aside: not a version
+  (base / '1.0.0.old' / 'dataset_info.json').write_text('{}')
+  assert data.num_examples(str(tmp_path), 'ms3', 'train') == 8
+  shutil.rmtree(base / '1.0.0')  # now 0.9.0, S4 shards: refused
+  with pytest.raises(data.DataError, match="holds the 's4' setting"):
+    data.num_examples(str(tmp_path), 'ms3', 'train')
+
+
 def test_missing_or_truncated_shard_is_one_clear_error(env, tmp_path):
   copy = str(tmp_path / 'ms3')
   shutil.copytree(os.path.join(env['out'], 'avs_bench', 'ms3', '1.0.0'), copy)

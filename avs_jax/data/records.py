@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import threading
 
@@ -51,7 +52,10 @@ def shard_filename(split, index, num_shards):
 
 
 def dataset_dir(data_dir, setting):
-  """`data_dir/avs_bench/{setting}/{newest version}` (or `data_dir` itself)."""
+  """`data_dir/avs_bench/{setting}/{newest version}` (or `data_dir` itself).
+
+  Versions are folders named like `1.0.0` holding a dataset_info.json.
+  """
   if setting not in SETTINGS:
     raise DataError(f'unknown setting {setting!r} (expected s4 or ms3)')
   if os.path.isfile(os.path.join(data_dir, 'dataset_info.json')):
@@ -61,7 +65,8 @@ def dataset_dir(data_dir, setting):
       (
           d
           for d in (os.listdir(base) if os.path.isdir(base) else [])
-          if os.path.isfile(os.path.join(base, d, 'dataset_info.json'))
+          if re.fullmatch(r'\d+(\.\d+)*', d)  # not e.g. `1.0.0.old`
+          and os.path.isfile(os.path.join(base, d, 'dataset_info.json'))
       ),
       key=lambda v: tuple(int(x) for x in v.split('.')),
   )
