@@ -14,10 +14,28 @@ from avs_jax.xla_flags import set_xla_flags
 
 set_xla_flags()  # before JAX starts: XLA:CPU's faster convolutions (a no-op elsewhere)
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
+
+from avs_jax import audio
+from avs_jax import checkpoint
+from avs_jax import data
+from avs_jax import evaluate
+from avs_jax import predict
+from avs_jax import runtime
+from avs_jax import torch_weights
+from avs_jax import train
+from data_prep import synthetic
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+def _env_int(name):
+  return int(os.environ[name]) if os.environ.get(name) else None
+
 
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                 lock_config=True)
@@ -27,50 +45,117 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, logs and results. Default: '
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'],
                   'train (then test the best checkpoint), eval, or predict.')
 flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
-                  'Call jax.distributed.initialize() (multi-host; auto: when '
-                  'a TPU pod / cluster environment is detected).')
+                  'Call jax.distributed.initialize() (several processes; '
+                  'auto: with --coordinator_address or when a TPU pod / SLURM '
+                  'environment is detected).')
+flags.DEFINE_string('coordinator_address',
+                    os.environ.get('JAX_COORDINATOR_ADDRESS'),
+                    'host:port of process 0, the same for every process (env '
+                    'JAX_COORDINATOR_ADDRESS). Not needed on TPU pods / SLURM.')
+flags.DEFINE_integer('num_processes', _env_int('JAX_NUM_PROCESSES'),
+                     'Number of processes (env JAX_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', _env_int('JAX_PROCESS_ID'),
+                     'This process, 0 .. num_processes-1 (env JAX_PROCESS_ID).')
+flags.DEFINE_integer('heartbeat_timeout', 100,
+                     'Seconds without a heartbeat after which a process counts '
+                     'as dead and the others stop with an error.')
 FLAGS = flags.FLAGS
 
 _CLUSTER_ENV = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
                 'JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS')
+# Bad input: one clear line, no traceback. Other errors keep theirs.
+USER_ERRORS = (predict.VideoError, torch_weights.ConversionError,
+               synthetic.SyntheticDataError, audio.AudioLoadError,
+               checkpoint.CheckpointError, runtime.ConfigError,
+               data.DataError, FileNotFoundError)
+
+
+def _multi_host():
+  if FLAGS.distributed != 'auto':
+    return FLAGS.distributed == 'yes'
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    return True
+  return any(len(os.environ.get(k, '').split(',')) > 1 or
+             (k != 'TPU_WORKER_HOSTNAMES' and os.environ.get(k))
+             for k in _CLUSTER_ENV)
+
+
+def load_config():
+  """`FLAGS.config`, or a ConfigError naming the file or the override."""
+  path = config_flags.get_config_filename(FLAGS['config'])
+  try:
+    return FLAGS.config
+  except AttributeError as e:  # an override of a field that does not exist
+    key = str(e).strip('"\'')
+    given = [a.split('=')[0] for a in sys.argv[1:]
+             if a.startswith('--config.') and key in a.split('=')[0]]
+    raise runtime.ConfigError(
+        f'{" ".join(given) or key}: no such field in {path} (the fields are '
+        'in configs/common.py)') from e
+  except (OSError, ImportError, SyntaxError) as e:
+    last = str(e).strip().splitlines()[-1].strip()
+    raise runtime.ConfigError(f'--config={path}: cannot load it ({last})') \
+        from e
+  except (ValueError, TypeError) as e:  # an override of the wrong type
+    raise runtime.ConfigError(f'a --config override does not fit its field: '
+                              f'{e}') from e
+
+
+def check_workdir(workdir):
+  """The workdir exists and is writable, or one clear error."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise runtime.ConfigError(
+        f'--workdir={workdir} is not writable ({e.strerror}); choose another '
+        'with --workdir=DIR') from e
+
+
+def run(config, workdir, mode):
+  runtime.check_config(config)
+  check_workdir(workdir)
+  if config.data.synthetic.enabled:
+    if jax.process_index() == 0:
+      synthetic.ensure_synthetic_data(config)
+    multihost_utils.sync_global_devices('synthetic data')  # made by process 0
+    synthetic.ensure_synthetic_data(config)  # checks what is there
+  if mode == 'train':
+    results = train.train_and_evaluate(config, workdir)
+    # None: preempted (SIGTERM), saved; exit now, the re-run reports.
+    if results is not None and config.data.synthetic.enabled:
+      evaluate.report(config, workdir, results)
+  elif mode == 'eval':
+    evaluate.evaluate_checkpoint(config, workdir,
+                                 config.eval.restore or workdir)
+  else:
+    predict.predict_video(config, workdir)
 
 
 def main(argv):
   del argv
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  import jax  # pylint: disable=g-import-not-at-top
-  multi = FLAGS.distributed == 'yes' or (
-      FLAGS.distributed == 'auto' and any(
-          len(os.environ.get(k, '').split(',')) > 1 or
-          (k != 'TPU_WORKER_HOSTNAMES' and os.environ.get(k))
-          for k in _CLUSTER_ENV))
-  if multi:
-    jax.distributed.initialize()
-  from avs_jax import convert, demo, evaluate, predict, train  # pylint: disable=g-import-not-at-top
-
-  config = FLAGS.config
+  if _multi_host():
+    try:
+      runtime.initialize_distributed(
+          FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+          heartbeat_timeout=FLAGS.heartbeat_timeout)
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
   name = os.path.splitext(os.path.basename(
       config_flags.get_config_filename(FLAGS['config'])))[0]
-  workdir = FLAGS.workdir or os.path.join('workdirs', name)
   try:
-    if config.data.synthetic.enabled:
-      demo.ensure_synthetic_data(config)
-    if FLAGS.mode == 'train':
-      results = train.train_and_evaluate(config, workdir)
-      # None: preempted (SIGTERM), saved; exit now, the re-run reports.
-      if results is not None and config.data.synthetic.enabled:
-        demo.report(config, workdir)
-    elif FLAGS.mode == 'eval':
-      evaluate.evaluate_checkpoint(config, workdir,
-                                   config.eval.restore or workdir)
-    else:
-      predict.predict_video(config, workdir)
-  except (predict.VideoError, convert.ConversionError,
-          demo.SyntheticDataError, FileNotFoundError) as e:
-    # Bad input: one clear line, no traceback.
+    run(load_config(), FLAGS.workdir or os.path.join('workdirs', name),
+        FLAGS.mode)
+  except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+
 
 if __name__ == '__main__':
   app.run(main)

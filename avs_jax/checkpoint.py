@@ -7,13 +7,45 @@ each process. A checkpoint written by `python -m avs_jax.convert` has the same
 """
 import os
 import re
+import sys
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
 BEST_METRIC = 'val_miou'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used: names the step directory and why."""
+
+
+def reason(e):
+  """One line of an exception: its type and its message's first line."""
+  lines = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {lines[0][:300] if lines else ""}'.rstrip(': ')
+
+
+def set_aside(mngr, step, why):
+  """Renames a damaged step `DIR/N` to `DIR/N.damaged` (nothing deleted).
+
+  Every process calls it; process 0 renames, then all re-read the steps.
+  """
+  src = os.path.join(str(mngr.directory), str(step))
+  dst = src + '.damaged'
+  if jax.process_index() == 0:
+    n = 1
+    while os.path.exists(dst):
+      n += 1
+      dst = f'{src}.damaged{n}'
+    os.rename(src, dst)
+    print(f'warning: checkpoint step {step} ({src}) is damaged ({why}); '
+          f'moved to {dst}, using the previous one', file=sys.stderr,
+          flush=True)
+  multihost_utils.sync_global_devices(f'set aside {step}')
+  mngr.reload()
 
 
 def manager(directory, keep=2, async_save=True) -> ocp.CheckpointManager:
@@ -28,8 +60,10 @@ def manager(directory, keep=2, async_save=True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, enable_async_checkpointing=async_save,
       best_fn=lambda m: m[BEST_METRIC], best_mode='max', create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=('state', 'data'))
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), options=options,
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'data': grain.checkpoint.CheckpointHandler()})
 
 
 def save(mngr, step, state, data_iter=None, metrics=None, force=False):
@@ -50,8 +84,34 @@ def best_step(mngr):
   return max(scored)[1] if scored else mngr.latest_step()
 
 
+def check_fits(mngr, step, abstract_state):
+  """Raises CheckpointError when the saved shapes are not the model's."""
+  meta = mngr.item_metadata(step)['state']
+  meta = getattr(meta, 'tree', meta)
+
+  def shapes(tree):  # the model's variables (the optimizer state follows)
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+            jax.tree_util.tree_leaves_with_path(
+                {c: tree[c] for c in ('params', 'batch_stats')})}
+  saved, want = shapes(meta), shapes(abstract_state)
+  if saved == want:
+    return
+  diff = sorted(set(saved) ^ set(want))[:3] + [
+      f'{k}: saved {saved[k]}, model {want[k]}' for k in sorted(
+          set(saved) & set(want)) if saved[k] != want[k]][:3]
+  raise CheckpointError(
+      f'{os.path.join(str(mngr.directory), str(step))} does not fit the model '
+      f'of this config (another model size or backbone?): {"; ".join(diff)}. '
+      'Use the config it was trained with, or another workdir.')
+
+
 def restore(mngr, step, abstract_state, data_iter=None):
-  """Restores `state` (onto `abstract_state`'s shardings) and the iterator."""
+  """Restores `state` (onto `abstract_state`'s shardings) and the iterator.
+
+  Raises CheckpointError if the checkpoint does not fit `abstract_state`;
+  other exceptions mean damaged files.
+  """
+  check_fits(mngr, step, abstract_state)
   items = {'state': ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -71,26 +131,61 @@ def resolve(path):
   return path, None
 
 
+def best_checkpoint(path):
+  """`(DIR/STEP, STEP)` of `path`: its own step, else the best by val J."""
+  directory, step = resolve(path)
+  if step is None:
+    with ocp.CheckpointManager(directory, item_names=('state', 'data')) as m:
+      step = best_step(m)
+  if step is None:
+    raise FileNotFoundError(f'{directory}: no checkpoints in it')
+  return os.path.join(directory, str(step)), step
+
+
 def load_state(path):
   """The `state` item of a checkpoint (best step if none given), as arrays.
 
   Returns `(state dict, step)`. Works for training checkpoints and for those
   written by `python -m avs_jax.convert` (which have no optimizer state).
   """
-  directory, step = resolve(path)
-  with ocp.CheckpointManager(directory, item_names=('state', 'data')) as mngr:
-    if step is None:
-      step = best_step(mngr)
-    if step is None:
-      raise FileNotFoundError(f'{directory}: no checkpoints in it')
-    # Saved on another topology (e.g. a pod, evaluated on one device): the
-    # saved shardings do not load; restore replicated instead.
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.asarray(jax.devices()), ('data',)),
-        jax.sharding.PartitionSpec())
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(fallback_sharding=replicated)))
+  directory, step = resolve(best_checkpoint(path)[0])
+  # Replicated over every device whatever the topology it was saved on (N
+  # processes or devices -> M): a global array that every process reads.
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.asarray(jax.devices()), ('data',)),
+      jax.sharding.PartitionSpec())
+  with ocp.CheckpointManager(
+      directory, item_names=('state', 'data'),
+      item_handlers={'state': ocp.StandardCheckpointHandler()}) as mngr:
+    try:
+      meta = mngr.item_metadata(step)['state']
+      target = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+          getattr(meta, 'tree', meta))
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+    except Exception as e:  # pylint: disable=broad-except  # any damage
+      raise CheckpointError(
+          f'{os.path.join(directory, str(step))}: damaged checkpoint, cannot '
+          f'be read ({reason(e)}); use another step '
+          f'(DIR/STEP)') from e
   return restored['state'], step
+
+
+def save_variables(variables, out_dir, step=0):
+  """`{'params', 'batch_stats'}` as a checkpoint `load_state` restores.
+
+  Returns the step's directory. What `python -m avs_jax.convert` writes.
+  """
+  state = {'step': np.asarray(step, np.int32),
+           'params': variables['params'],
+           'batch_stats': variables.get('batch_stats', {})}
+  mngr = manager(out_dir, keep=1, async_save=False)
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+            force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  return os.path.join(os.path.abspath(out_dir), str(step))
 
 
 def abstract(tree, sharding=None):

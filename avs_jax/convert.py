@@ -1,472 +1,78 @@
-"""PyTorch <-> Flax checkpoint conversion for the AVS model and VGGish.
+r"""Command line: PyTorch AVS checkpoints <-> Orbax checkpoints.
 
-Naming convention: Flax modules mirror the PyTorch module path, with list
-indices folded into the name (`resnet.layer1.0.conv1.weight` lives at
-`params/resnet/layer1_0/conv1/kernel`). Leaves: conv weights `[O, I, *k]`
-become `kernel [*k, I, O]`, linear weights are transposed, norm weights
-become `scale`, BatchNorm running statistics go to `batch_stats/{mean,var}`.
+  python -m avs_jax.convert --config=configs/ms3.py:pvt_v2_b5 \
+      --src=ms3_pvt.pth --out=workdirs/ms3_pvt_converted
+  python run.py --mode=eval --config=configs/ms3.py:pvt_v2_b5 \
+      --config.eval.restore=workdirs/ms3_pvt_converted
+  python -m avs_jax.convert --config=configs/ms3.py --to_torch \
+      --src=workdirs/ms3 --out=ms3.pth                    # and back
 
-Accepted sources (`torch_to_flax` tells them apart by their keys):
-  * official AVS checkpoints, ResNet-50 or PVT-v2 (with or without
-    DataParallel's `module.` prefix) -> full model variables;
-  * torchvision's ImageNet ResNet-50 (`resnet50-19c8e357.pth`) and
-    `pvt_v2_b5.pth` -> variables of the encoder subtree only;
-  * VGGish (`vggish-10086976.pth`, + `vggish_pca_params-970ea276.pth`) via
-    `vggish_torch_to_flax`.
-Files may be `.pth`/`.pt`/`.tar` (needs torch), `.npz` or `.safetensors`.
-
-Command line: `python -m avs_jax.convert --src X.pth --config configs/ms3.py
---out DIR` writes an Orbax checkpoint that `run.py --mode eval` restores.
+The config (loaded like `run.py` loads it, `--config.model.x=y` overrides
+included) gives the model the checkpoint must fit. The mapping itself is
+`avs_jax.torch_weights`.
 """
-import json
-import os
-import re
-import struct
-from typing import Any, Dict, Mapping, Optional, Tuple
+import sys
 
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
-Params = Dict[str, Any]
+from avs_jax import checkpoint as ckpt_lib
+from avs_jax import torch_weights
 
-# The reference ResNet's second branch: in every checkpoint, never used.
-_UNUSED_RESNET = ('resnet.layer3_2.', 'resnet.layer4_2.')
-_RESNET_BRANCHES = (('resnet.layer3_1.', 'resnet.layer3_2.'),
-                    ('resnet.layer4_1.', 'resnet.layer4_2.'))
-
-
-class ConversionError(ValueError):
-  """A checkpoint does not fit the model: names the offending keys."""
-
-
-# --------------------------------------------------------------------------
-# Reading state dicts.
-
-
-def _to_numpy(v):
-  if isinstance(v, np.ndarray):
-    return v
-  if hasattr(v, 'detach'):  # torch.Tensor
-    return v.detach().cpu().float().numpy() if v.is_floating_point() else \
-        v.detach().cpu().numpy()
-  return np.asarray(v)
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file whose `model` matches the checkpoint.',
+    lock_config=True)
+flags.DEFINE_string('src', None, 'Checkpoint to convert: .pth/.npz/'
+                    '.safetensors, or with --to_torch an Orbax checkpoint.')
+flags.DEFINE_string('out', None, 'Output: an Orbax checkpoint directory, or '
+                    'with --to_torch a .pth/.npz file.')
+flags.DEFINE_bool('to_torch', False, 'Orbax checkpoint -> PyTorch state dict.')
+flags.mark_flags_as_required(['config', 'src', 'out'])
+FLAGS = flags.FLAGS
 
 
-def _read_safetensors(path) -> Dict[str, np.ndarray]:
-  """Minimal reader of the safetensors format (no extra dependency)."""
-  dtypes = {'F32': np.float32, 'F16': np.float16, 'F64': np.float64,
-            'I64': np.int64, 'I32': np.int32, 'U8': np.uint8, 'I8': np.int8,
-            'BOOL': np.bool_}
-  with open(path, 'rb') as f:
-    (n,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(n))
-    data = f.read()
-  out = {}
-  for k, meta in header.items():
-    if k == '__metadata__':
-      continue
-    if meta['dtype'] == 'BF16':
-      raw = np.frombuffer(data, np.uint16, offset=meta['data_offsets'][0],
-                          count=int(np.prod(meta['shape'])))
-      arr = (raw.astype(np.uint32) << 16).view(np.float32)
-    elif meta['dtype'] in dtypes:
-      start, end = meta['data_offsets']
-      arr = np.frombuffer(data[start:end], dtypes[meta['dtype']])
-    else:
-      raise ConversionError(f'{path}: unsupported dtype {meta["dtype"]} '
-                            f'for {k}')
-    out[k] = arr.reshape(meta['shape']).copy()
-  return out
+def to_orbax(src, out, model_config):
+  """A PyTorch AVS checkpoint file -> Orbax checkpoint dir; returns its path."""
+  sd = torch_weights.load_state_dict(src)
+  kind = torch_weights.checkpoint_kind(torch_weights.strip_module_prefix(sd))
+  if kind != 'avs':
+    raise torch_weights.ConversionError(
+        f'{src} is an ImageNet backbone checkpoint ({kind}): use it as '
+        '--config.train.init_backbone, not as an eval checkpoint')
+  variables = torch_weights.torch_to_flax(sd, model_config)
+  return ckpt_lib.save_variables(variables, out)
 
 
-def _torch_load(path):
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f'reading {path} needs PyTorch (`pip install torch`, CPU build is '
-        'enough); or save the state dict as .npz/.safetensors first') from e
-  try:
-    return torch.load(path, map_location='cpu', weights_only=True)
-  except Exception:  # pylint: disable=broad-except
-    # The VGGish PCA file pickles NumPy arrays, which weights_only refuses.
-    return torch.load(path, map_location='cpu', weights_only=False)
-
-
-def load_state_dict(path) -> Dict[str, np.ndarray]:
-  """A PyTorch-style state dict `{key: array}` from .pth/.pt/.tar/.npz/.safetensors."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: no such checkpoint file')
-  ext = os.path.splitext(path)[1].lower()
-  if ext == '.npz':
-    with np.load(path) as z:
-      sd = {k: z[k] for k in z.files}
-  elif ext == '.safetensors':
-    sd = _read_safetensors(path)
+def to_torch(src, out, model_config):
+  """An Orbax checkpoint -> .pth (needs torch) or .npz; returns (n, step)."""
+  state, step = ckpt_lib.load_state(src)
+  sd = torch_weights.flax_to_torch(state, model_config)
+  if out.endswith('.npz'):
+    np.savez(out, **sd)
   else:
-    sd = _torch_load(path)
-  for wrapper in ('state_dict', 'model', 'model_state_dict'):
-    if isinstance(sd, Mapping) and wrapper in sd and isinstance(
-        sd[wrapper], Mapping):
-      sd = sd[wrapper]
-  if not isinstance(sd, Mapping):
-    raise ConversionError(f'{path}: expected a state dict, got {type(sd)}')
-  return {k: _to_numpy(v) for k, v in sd.items()}
+    import torch  # pylint: disable=g-import-not-at-top  # optional dependency
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
+               out)
+  return len(sd), step
 
 
-# --------------------------------------------------------------------------
-# Generic name and layout mapping.
-
-
-def _split_key(key: str) -> Tuple[Tuple[str, ...], str]:
-  """`a.b.0.c.weight` -> (('a', 'b_0', 'c'), 'weight')."""
-  *mods, leaf = key.split('.')
-  path = []
-  for m in mods:
-    if m.isdigit() and path:
-      path[-1] = f'{path[-1]}_{m}'
-    else:
-      path.append(m)
-  return tuple(path), leaf
-
-
-def _join_path(path: Tuple[str, ...]) -> str:
-  """Inverse of the module part of `_split_key`: ('a', 'b_0') -> 'a.b.0'."""
-  return '.'.join(re.sub(r'^(.+)_(\d+)$', r'\1.\2', p) for p in path)
-
-
-def _flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> Params:
-  out: Params = {}
-  for path, v in flat.items():
-    d = out
-    for p in path[:-1]:
-      d = d.setdefault(p, {})
-    d[path[-1]] = v
-  return out
-
-
-def _torch_to_flax_leaf(w: np.ndarray, leaf: str) -> np.ndarray:
-  if leaf == 'kernel':
-    if w.ndim >= 3:
-      return np.transpose(w, tuple(range(2, w.ndim)) + (1, 0))
-    if w.ndim == 2:
-      return w.T
-  return w
-
-
-def _flax_to_torch_leaf(w: np.ndarray, leaf: str) -> np.ndarray:
-  if leaf == 'kernel':
-    if w.ndim >= 3:
-      return np.transpose(w, (w.ndim - 1, w.ndim - 2) + tuple(range(w.ndim - 2)))
-    if w.ndim == 2:
-      return w.T
-  return w
-
-
-def _map_state_dict(sd: Mapping[str, np.ndarray],
-                    target: Mapping[Tuple[str, ...], Any],
-                    source: str) -> Params:
-  """Maps torch keys onto the flattened `target` tree (shapes checked)."""
-  flat, unexpected, mismatched = {}, [], []
-  for key, w in sd.items():
-    path, leaf = _split_key(key)
-    if leaf == 'num_batches_tracked':
-      continue
-    if leaf == 'running_mean':
-      dest = ('batch_stats',) + path + ('mean',)
-    elif leaf == 'running_var':
-      dest = ('batch_stats',) + path + ('var',)
-    elif leaf == 'bias':
-      dest = ('params',) + path + ('bias',)
-    elif leaf == 'weight':
-      dest = ('params',) + path + ('kernel',)
-      if dest not in target:
-        dest = ('params',) + path + ('scale',)
-    else:
-      dest = ('params',) + path + (leaf,)
-    if dest not in target:
-      unexpected.append(key)
-      continue
-    value = _torch_to_flax_leaf(np.asarray(w), dest[-1])
-    want = tuple(target[dest].shape)
-    if value.shape != want:
-      mismatched.append(f'{key}: checkpoint {tuple(w.shape)} -> '
-                        f'{value.shape}, model wants {want}')
-      continue
-    flat[dest] = value.astype(np.float32)
-  missing = [_torch_key(p) for p in target if p not in flat]
-  problems = []
-  if missing:
-    problems.append(f'missing keys ({len(missing)}): ' + ', '.join(missing[:20])
-                    + (' ...' if len(missing) > 20 else ''))
-  if unexpected:
-    problems.append(f'unexpected keys ({len(unexpected)}): '
-                    + ', '.join(unexpected[:20])
-                    + (' ...' if len(unexpected) > 20 else ''))
-  if mismatched:
-    problems.append('shape mismatches: ' + '; '.join(mismatched[:20]))
-  if problems:
-    raise ConversionError(f'{source} does not fit the model:\n  '
-                          + '\n  '.join(problems))
-  return _unflatten(flat)
-
-
-def _torch_key(dest: Tuple[str, ...]) -> str:
-  collection, *path, leaf = dest
-  if collection == 'batch_stats':
-    leaf = {'mean': 'running_mean', 'var': 'running_var'}[leaf]
-  else:
-    leaf = {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)
-  return f'{_join_path(tuple(path))}.{leaf}'
-
-
-def variables_to_torch(variables: Mapping[str, Any],
-                       add_num_batches_tracked=True) -> Dict[str, np.ndarray]:
-  """Any of our Flax variable trees -> a PyTorch-layout state dict."""
-  out = {}
-  for dest, v in _flatten(dict(variables)).items():
-    if dest[0] not in ('params', 'batch_stats'):
-      continue
-    out[_torch_key(dest)] = _flax_to_torch_leaf(np.asarray(v, np.float32),
-                                                dest[-1])
-    if add_num_batches_tracked and dest[0] == 'batch_stats' and \
-        dest[-1] == 'mean':
-      out[_torch_key(dest)[:-len('running_mean')] + 'num_batches_tracked'] = \
-          np.zeros((), np.int64)
-  return out
-
-
-# --------------------------------------------------------------------------
-# The AVS model.
-
-
-def model_shapes(model_config) -> Dict[Tuple[str, ...], Any]:
-  """Flattened `{path: ShapeDtypeStruct}` of the model's variables."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from avs_jax.models import build_model  # pylint: disable=g-import-not-at-top
-  model = build_model(model_config)
-  frames = jax.ShapeDtypeStruct((1, 1, 64, 64, 3), jnp.float32)
-  audio = jax.ShapeDtypeStruct((1, 1, 128), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), frames, audio)
-  return _flatten(jax.tree_util.tree_map(lambda x: x, dict(shapes)))
-
-
-def _strip_prefix(sd):
-  if sd and all(k.startswith('module.') for k in sd):
-    return {k[len('module.'):]: v for k, v in sd.items()}
-  return dict(sd)
-
-
-def checkpoint_kind(sd: Mapping[str, Any]) -> str:
-  """'avs', 'torchvision_resnet50' or 'pvt_v2' from a state dict's keys."""
-  keys = set(sd)
-  if any(k.startswith(('resnet.', 'encoder_backbone.')) for k in keys):
-    return 'avs'
-  if 'layer1.0.conv1.weight' in keys and 'conv1.weight' in keys:
-    return 'torchvision_resnet50'
-  if 'patch_embed1.proj.weight' in keys:
-    return 'pvt_v2'
-  raise ConversionError(
-      'unrecognised checkpoint: expected an AVS checkpoint (keys resnet.* or '
-      'encoder_backbone.*), torchvision ResNet-50 (conv1.*, layer1.*) or '
-      f'PVT-v2 (patch_embed1.*); first keys: {sorted(keys)[:5]}')
-
-
-def _backbone_to_avs_keys(sd, kind):
-  out = {}
-  for k, v in sd.items():
-    if kind == 'torchvision_resnet50':
-      if k.startswith('fc.'):
-        continue
-      k = re.sub(r'^layer([34])\.', r'layer\1_1.', k)
-      out['resnet.' + k] = v
-    else:
-      if k.startswith('head.'):
-        continue
-      out['encoder_backbone.' + k] = v
-  return out
-
-
-def torch_to_flax(state_dict: Mapping[str, Any], model_config) -> Params:
-  """PyTorch state dict -> Flax variables `{'params', 'batch_stats'}`.
-
-  A full AVS checkpoint gives the whole model; an ImageNet backbone checkpoint
-  (torchvision ResNet-50, PVT-v2) gives only the encoder subtree (`resnet` or
-  `encoder_backbone`), to merge with `merge_variables`. Raises
-  `ConversionError` naming missing/unexpected keys and shape mismatches.
-  """
-  sd = {k: _to_numpy(v) for k, v in _strip_prefix(state_dict).items()}
-  kind = checkpoint_kind(sd)
-  target = model_shapes(model_config)
-  if kind == 'avs':
-    sd = {k: v for k, v in sd.items() if not k.startswith(_UNUSED_RESNET)}
-    return _map_state_dict(sd, target, 'AVS checkpoint')
-  sd = _backbone_to_avs_keys(sd, kind)
-  encoder = 'resnet' if kind == 'torchvision_resnet50' else 'encoder_backbone'
-  if model_config.backbone.startswith('pvt') != (encoder == 'encoder_backbone'):
-    raise ConversionError(f'a {kind} checkpoint does not fit backbone '
-                          f'{model_config.backbone!r}')
-  target = {p: s for p, s in target.items() if p[1] == encoder}
-  return _map_state_dict(sd, target, f'{kind} checkpoint')
-
-
-def flax_to_torch(variables: Mapping[str, Any], model_config) -> Dict[str, np.ndarray]:
-  """Flax variables -> a state dict the reference `Pred_endecoder` loads strictly.
-
-  The ResNet's unused second branch (`layer3_2`, `layer4_2`) is filled with a
-  copy of the first, as the reference's ImageNet initialisation does.
-  """
-  sd = variables_to_torch(variables)
-  if model_config.backbone == 'resnet50':
-    for src, dst in _RESNET_BRANCHES:
-      for k in [k for k in sd if k.startswith(src)]:
-        sd[dst + k[len(src):]] = sd[k].copy()
-  return sd
-
-
-def merge_variables(base: Mapping[str, Any], update: Mapping[str, Any]) -> Params:
-  """`base` with every leaf present in `update` replaced (same shapes)."""
-  flat = _flatten(dict(base))
-  for path, v in _flatten(dict(update)).items():
-    if path not in flat:
-      raise ConversionError(f'{"/".join(path)} is not in the model')
-    if tuple(np.shape(flat[path])) != tuple(np.shape(v)):
-      raise ConversionError(f'{"/".join(path)}: shape {np.shape(v)}, model '
-                            f'wants {np.shape(flat[path])}')
-    flat[path] = v
-  return _unflatten(flat)
-
-
-# --------------------------------------------------------------------------
-# VGGish.
-
-
-def vggish_torch_to_flax(state_dict: Mapping[str, Any],
-                         pca_state_dict: Optional[Mapping[str, Any]] = None
-                         ) -> Params:
-  """torchvggish state dict (+ PCA params) -> `{'params'[, 'pca']}`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from avs_jax.models import build_vggish  # pylint: disable=g-import-not-at-top
-  sd = {k: _to_numpy(v) for k, v in _strip_prefix(state_dict).items()}
-  # torchvggish's hub file may carry the PCA params inside the same dict.
-  pca_keys = ('pca_eigen_vectors', 'pca_means')
-  if pca_state_dict is None and all(k in sd for k in pca_keys):
-    pca_state_dict = {k: sd[k] for k in pca_keys}
-  sd = {k: v for k, v in sd.items() if k not in pca_keys}
-  shapes = jax.eval_shape(build_vggish().init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, 96, 64), jnp.float32))
-  target = {p: s for p, s in _flatten(dict(shapes)).items()
-            if p[0] == 'params'}
-  variables = _map_state_dict(sd, target, 'VGGish checkpoint')
-  if pca_state_dict is not None:
-    pca = {k.replace('pproc.', ''): _to_numpy(v)
-           for k, v in pca_state_dict.items()}
-    missing = [k for k in pca_keys if k not in pca]
-    if missing:
-      raise ConversionError(f'VGGish PCA params: missing keys {missing}')
-    eig = np.asarray(pca['pca_eigen_vectors'], np.float32)
-    means = np.asarray(pca['pca_means'], np.float32).reshape(-1)
-    if eig.shape != (128, 128) or means.shape != (128,):
-      raise ConversionError(f'VGGish PCA params: eigen_vectors {eig.shape} '
-                            f'(want (128, 128)), means {means.shape} (want '
-                            '(128,))')
-    variables['pca'] = {'eigen_vectors': eig, 'means': means}
-  return variables
-
-
-def vggish_flax_to_torch(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  """Inverse of `vggish_torch_to_flax` (PCA under torchvggish's names)."""
-  sd = variables_to_torch({'params': variables['params']})
-  if 'pca' in variables:
-    sd['pca_eigen_vectors'] = np.asarray(variables['pca']['eigen_vectors'])
-    sd['pca_means'] = np.asarray(variables['pca']['means']).reshape(-1, 1)
-  return sd
-
-
-# --------------------------------------------------------------------------
-# Command line.
-
-
-def save_checkpoint(variables, out_dir, step=0):
-  """Writes `variables` as an Orbax checkpoint that `run.py --mode eval` restores."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from avs_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  state = {'step': np.asarray(step, np.int32),
-           'params': variables['params'],
-           'batch_stats': variables.get('batch_stats', {})}
-  mngr = ckpt_lib.manager(out_dir, keep=1, async_save=False)
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-            force=True)
-  mngr.wait_until_finished()
-  mngr.close()
-  return os.path.join(os.path.abspath(out_dir), str(step))
-
-
-def main(argv=None):
-  import argparse  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(
-      prog='python -m avs_jax.convert',
-      description='Convert an official AVS PyTorch checkpoint (ResNet-50 or '
-      'PVT-v2, .pth/.npz/.safetensors) into an Orbax checkpoint for '
-      '`run.py --mode eval --config.eval.restore=OUT`; or, with --to-torch, '
-      'an Orbax checkpoint back into a PyTorch state dict (.pth or .npz).')
-  p.add_argument('--src', required=True, help='checkpoint to convert')
-  p.add_argument('--config', required=True,
-                 help='config file whose `model` section matches the '
-                 'checkpoint, e.g. configs/ms3.py (or configs/ms3.py:pvt_v2_b5)')
-  p.add_argument('--out', required=True,
-                 help='output: a checkpoint directory, or with --to-torch a '
-                 '.pth/.npz file')
-  p.add_argument('--to-torch', action='store_true',
-                 help='convert an Orbax checkpoint (--src) to PyTorch')
-  args = p.parse_args(argv)
-  path, _, arg = args.config.partition(':')
-  spec = importlib.util.spec_from_file_location('avs_config', path)
-  if spec is None or not os.path.exists(path):
-    p.error(f'--config {path}: no such config file')
-  module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
+def main(argv):
+  del argv
+  config = FLAGS.config
   try:
-    if args.to_torch:
-      from avs_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-      state, step = ckpt_lib.load_state(args.src)
-      sd = flax_to_torch(state, config.model)
-      if args.out.endswith('.npz'):
-        np.savez(args.out, **sd)
-      else:
-        import torch  # pylint: disable=g-import-not-at-top
-        torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
-                   args.out)
-      print(f'wrote {len(sd)} tensors (step {step}) to {args.out}')
+    if FLAGS.to_torch:
+      n, step = to_torch(FLAGS.src, FLAGS.out, config.model)
+      print(f'wrote {n} tensors (step {step}) to {FLAGS.out}')
     else:
-      sd = load_state_dict(args.src)
-      if checkpoint_kind(_strip_prefix(sd)) != 'avs':
-        p.error(f'{args.src} is an ImageNet backbone checkpoint: use it as '
-                '--config.train.init_backbone, not as an eval checkpoint')
-      out = save_checkpoint(torch_to_flax(sd, config.model), args.out)
-      print(f'wrote {out} ({config.model.backbone}); evaluate with: python '
-            f'run.py --mode eval --config {args.config} '
-            f'--config.eval.restore={args.out}')
-  except (ConversionError, FileNotFoundError, ImportError) as e:
+      out = to_orbax(FLAGS.src, FLAGS.out, config.model)
+      print(f'wrote {out} ({config.model.backbone}); evaluate it with '
+            f'--mode=eval --config.eval.restore={FLAGS.out}')
+  except (torch_weights.ConversionError, FileNotFoundError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+    sys.exit(1)
 
 
 if __name__ == '__main__':
-  raise SystemExit(main())
+  app.run(main)

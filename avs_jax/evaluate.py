@@ -1,4 +1,4 @@
-"""Evaluation: J and F (reference and per-frame), masks and overlays as PNG.
+"""Evaluation: J and F (reference and per-frame), PNGs, and the demo report.
 
 `eval.audio` evaluates the same model with broken audio, the measure of how
 much it uses sound: 'shuffled' gives each clip the audio of another clip of
@@ -6,18 +6,19 @@ the split (the next valid clip of the batch, or the previous batch's when a
 batch holds one clip); 'silent' feeds the log-mel of a zero waveform
 (`log(0 + 0.01)` in every bin).
 """
+import functools
 import json
 import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from avs_jax import checkpoint as ckpt_lib
 from avs_jax import data as data_lib
+from avs_jax import draw
 from avs_jax import metrics as metrics_lib
+from avs_jax import runtime
 from avs_jax import utils
 
 SILENT_LOG_MEL = float(np.log(0.01))
@@ -41,63 +42,30 @@ def break_audio(log_mel, valid, mode, previous=None):
   return out
 
 
-def denormalize(frames):
-  """ImageNet-normalised `[..., 3]` floats -> uint8 RGB."""
-  x = frames * np.asarray(data_lib.IMAGENET_STD) + np.asarray(
-      data_lib.IMAGENET_MEAN)
-  return np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
-
-
-def overlay(frame, mask, color=(255, 40, 40), alpha=0.5, edge=(255, 255, 255)):
-  """`frame [H, W, 3] uint8`, `mask [H, W] bool` -> blended uint8 image.
-
-  The mask is tinted with `color` and outlined with `edge`, so that it shows
-  on objects of the tint's colour too.
-  """
-  out = frame.astype(np.float32)
-  out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, np.float32)
-  inner = mask.copy()
-  inner[1:] &= mask[:-1]
-  inner[:-1] &= mask[1:]
-  inner[:, 1:] &= mask[:, :-1]
-  inner[:, :-1] &= mask[:, 1:]
-  out[mask & ~inner] = edge
-  return out.astype(np.uint8)
+def eval_step(variables, audio_vars, batch, *, model, vggish):
+  """Metrics of one global batch (`metrics.clip_metrics`) and its logits."""
+  out = runtime.forward(model, vggish, variables, audio_vars, batch['frames'],
+                        batch['log_mel'])
+  m = metrics_lib.clip_metrics(out['logits'], batch['masks'], batch['valid'])
+  return m, out['logits']
 
 
 class Evaluator:
   """Runs a split through the model in eval mode and accumulates metrics."""
 
-  def __init__(self, config, model, vggish, mesh):
+  def __init__(self, config, model, vggish, mesh, audio_vars):
     self.config = config
-    self.model = model
-    self.vggish = vggish
-    self.mesh = mesh
-    self.sharding = NamedSharding(mesh, P('data'))
-    replicated = NamedSharding(mesh, P())
+    self.audio_vars = audio_vars
+    self.sharding = runtime.batch_sharding(mesh)
+    self.step = jax.jit(
+        functools.partial(eval_step, model=model, vggish=vggish),
+        out_shardings=(runtime.replicated(mesh), self.sharding))
 
-    def step(params, batch_stats, audio_vars, batch):
-      audio = vggish.apply(audio_vars, batch['log_mel'])
-      out = model.apply({'params': params, 'batch_stats': batch_stats},
-                        batch['frames'], audio, train=False)
-      m = metrics_lib.clip_metrics(out['logits'], batch['masks'],
-                                   batch['valid'])
-      return m, out['logits']
-
-    self._step = jax.jit(step, out_shardings=(replicated, self.sharding))
-    self.audio_vars = None
-
-  def run(self, state, setting, split, *, audio=None, out_dir=None, desc=''):
+  def run(self, variables, setting, split, *, audio='true', out_dir=None,
+          desc=''):
     """Metrics of `split` (dict of `summarize`); optional PNGs to `out_dir`."""
     c = self.config
-    audio = audio or 'true'
-    if self.audio_vars is None:
-      from avs_jax import train  # pylint: disable=g-import-not-at-top
-      self.audio_vars = jax.device_put(
-          train.load_audio_variables(c, self.vggish),
-          NamedSharding(self.mesh, P()))
-    nproc = jax.process_count()
-    bs = c.eval.batch_size
+    bs, nproc = c.eval.batch_size, jax.process_count()
     if bs % jax.device_count():
       raise ValueError(f'eval.batch_size={bs} must be a multiple of the '
                        f'device count {jax.device_count()}')
@@ -109,83 +77,129 @@ class Evaluator:
                                process_count=nproc)
     total = -(-data_lib.num_examples(c.data.dir, setting, split) // bs)
     acc, previous = None, None
-    bar = utils.progress(total, 0, desc or f'eval {split}')
-    for host in ds:
+    for host in utils.progress(total, 0, desc or f'eval {split}', iterable=ds):
       log_mel = break_audio(host['log_mel'], host['valid'], audio, previous)
-      previous = host['log_mel'][np.asarray(host['valid'], bool)] \
-          if np.any(host['valid']) else previous
-      host = dict(host, log_mel=log_mel)
-      batch = {k: jax.make_array_from_process_local_data(
-          self.sharding, np.asarray(host[k]))
-               for k in ('frames', 'log_mel', 'masks', 'valid')}
-      m, logits = self._step(state.params, state.batch_stats, self.audio_vars,
-                             batch)
+      if np.any(host['valid']):
+        previous = host['log_mel'][np.asarray(host['valid'], bool)]
+      batch = runtime.to_device(dict(host, log_mel=log_mel), self.sharding)
+      m, logits = self.step(variables, self.audio_vars, batch)
       acc = metrics_lib.merge_metrics(acc, m)
       if out_dir is not None:
-        self._save_pngs(out_dir, host, logits)
-      bar.update(1)
-    bar.close()
+        save_pngs(out_dir, host, local_rows(logits) > 0, c.eval)
     return metrics_lib.summarize(acc)
 
-  def _save_pngs(self, out_dir, host, logits):
-    ec = self.config.eval
-    local = np.concatenate([np.asarray(s.data) for s in sorted(
-        logits.addressable_shards, key=lambda s: s.index[0].start or 0)])
-    pred = local > 0  # sigmoid > 0.5
-    frames = denormalize(np.asarray(host['frames']))
-    for b, valid in enumerate(host['valid']):
-      if not valid:
-        continue
-      cid = str(host['id'][b])
-      d = os.path.join(out_dir, cid)
-      os.makedirs(d, exist_ok=True)
-      for t in range(pred.shape[1]):
-        if ec.save_masks:
-          Image.fromarray(pred[b, t].astype(np.uint8) * 255).save(
-              os.path.join(d, f'{cid}_{t + 1}_mask.png'))
-        if ec.save_overlays:
-          Image.fromarray(overlay(frames[b, t], pred[b, t])).save(
-              os.path.join(d, f'{cid}_{t + 1}_overlay.png'))
+
+def local_rows(x):
+  """This process's rows of a global `[B, ...]` array, in order (numpy)."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  rows, seen = [], set()
+  for s in shards:
+    start = s.index[0].start or 0
+    if start not in seen:  # replicas of one row block
+      seen.add(start)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
 
 
-class EvalState:
-  """What the evaluator needs of a train state."""
+def save_pngs(out_dir, host, pred, ec):
+  """Masks / overlays of a host batch's valid clips (`pred [B, T, H, W]`)."""
+  frames = draw.denormalize(np.asarray(host['frames']))
+  for b, valid in enumerate(host['valid']):
+    if not valid:
+      continue
+    cid = str(host['id'][b])
+    d = os.path.join(out_dir, cid)
+    os.makedirs(d, exist_ok=True)
+    for t in range(pred.shape[1]):
+      if ec.save_masks:
+        Image.fromarray(pred[b, t].astype(np.uint8) * 255).save(
+            os.path.join(d, f'{cid}_{t + 1}_mask.png'))
+      if ec.save_overlays:
+        Image.fromarray(draw.overlay(frames[b, t], pred[b, t])).save(
+            os.path.join(d, f'{cid}_{t + 1}_overlay.png'))
 
-  def __init__(self, params, batch_stats):
-    self.params = params
-    self.batch_stats = batch_stats
+
+def result_name(split, audio):
+  return f'eval_{split}.json' if audio == 'true' else \
+      f'eval_{split}_{audio}.json'
 
 
 def evaluate_checkpoint(config, workdir, path, split=None, audio=None):
   """Restores `path` and writes `WORKDIR/eval_{split}[_{audio}].json`."""
-  from avs_jax import train  # pylint: disable=g-import-not-at-top
-  from avs_jax.models import build_model, build_vggish  # pylint: disable=g-import-not-at-top
   split = split or config.eval.split
   audio = audio or config.eval.audio
-  mesh = train.make_mesh()
-  dtype = train.dtype_of(config)
-  model = build_model(config.model, dtype=dtype)
-  vggish = build_vggish(postprocess=config.audio.postprocess, dtype=dtype)
-  restored, step = ckpt_lib.load_state(path)
-  replicated = NamedSharding(mesh, P())
-  state = EvalState(jax.device_put(restored['params'], replicated),
-                    jax.device_put(restored['batch_stats'], replicated))
-  evaluator = Evaluator(config, model, vggish, mesh)
+  restored = runtime.Inference(config, path)
+  evaluator = Evaluator(config, restored.model, restored.vggish,
+                        restored.mesh, restored.audio_vars)
   save = config.eval.save_masks or config.eval.save_overlays
   out_dir = os.path.join(workdir, f'predictions_{split}') if save else None
-  res = evaluator.run(state, config.data.setting, split, audio=audio,
-                      out_dir=out_dir)
-  res = dict(res, checkpoint_step=int(step), split=split, audio=audio)
-  name = f'eval_{split}.json' if audio == 'true' else \
-      f'eval_{split}_{audio}.json'
+  res = evaluator.run(restored.variables, config.data.setting, split,
+                      audio=audio, out_dir=out_dir)
+  res = dict(res, checkpoint_step=int(restored.step), split=split, audio=audio)
+  out = os.path.join(workdir, result_name(split, audio))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, name), 'w') as f:
+    with open(out, 'w') as f:
       json.dump(res, f, indent=2)
-  utils.log(f'{split} ({audio} audio, step {step}): J {res["miou"]:.4f} '
-            f'F {res["fscore"]:.4f} | per-frame J {res["miou_per_frame"]:.4f} '
-            f'F {res["fscore_per_frame"]:.4f} | {res["num_clips"]} clips -> '
-            f'{os.path.join(workdir, name)}')
+  utils.log(f'{split} ({audio} audio, step {restored.step}): J '
+            f'{res["miou"]:.4f} F {res["fscore"]:.4f} | per-frame J '
+            f'{res["miou_per_frame"]:.4f} F {res["fscore_per_frame"]:.4f} | '
+            f'{res["num_clips"]} clips -> {out}')
   return res
 
 
+def report(config, workdir, results):
+  """The demo report: test J/F with true, shuffled and silent audio, pictures.
 
+  `results`: the test results with true audio (what `train_and_evaluate`
+  returns); its checkpoint is evaluated with broken audio too. Every process
+  computes, process 0 writes `training_curve.png`, `test_grid.png` and
+  `report.md`.
+  """
+  step = results['checkpoint_step']
+  ckpt = os.path.join(workdir, 'checkpoints', str(step))
+  res = {'true': results}
+  for audio in AUDIO_MODES[1:]:
+    res[audio] = evaluate_checkpoint(config, workdir, ckpt, audio=audio)
+  grid = _grid_arrays(config, ckpt)
+  if jax.process_index() == 0:
+    draw.training_curve(os.path.join(workdir, 'metrics.jsonl'),
+                        os.path.join(workdir, 'training_curve.png'))
+    draw.clip_grid(*grid, os.path.join(workdir, 'test_grid.png'))
+    with open(os.path.join(workdir, 'report.md'), 'w') as f:
+      f.write(report_markdown(config, step, res))
+  utils.log(f'report: {os.path.join(workdir, "report.md")} (J '
+            f'{res["true"]["miou"]:.4f}, shuffled {res["shuffled"]["miou"]:.4f}'
+            f', silent {res["silent"]["miou"]:.4f})')
+  return res
+
+
+def _grid_arrays(config, ckpt, num_clips=3):
+  """Frames, truth, prediction, ids of the split's first clips (host-local)."""
+  restored = runtime.Inference(config, ckpt, mesh=runtime.local_mesh())
+  batch = next(iter(data_lib.eval_dataset(
+      config.data.dir, config.data.setting, config.eval.split,
+      batch_size=num_clips, image_size=config.data.image_size)))
+  pred = np.asarray(restored.logits(batch['frames'], batch['log_mel'])) > 0
+  n = int(np.sum(batch['valid']))
+  return (draw.denormalize(np.asarray(batch['frames']))[:n],
+          batch['masks'][:n], pred[:n], batch['id'][:n])
+
+
+def report_markdown(config, step, res):
+  """`report.md` of the three evaluations `res[audio]`."""
+  drop = res['true']['miou'] - res['shuffled']['miou']
+  lines = [
+      f'# avs_jax demo report ({config.data.setting}, synthetic)', '',
+      f'Best checkpoint: step {step} (by validation J). Test split: '
+      f'{res["true"]["num_clips"]} clips.', '',
+      '| audio | J (mIoU) | F | J per-frame | F per-frame |',
+      '| --- | --- | --- | --- | --- |']
+  for audio in AUDIO_MODES:
+    r = res[audio]
+    lines.append(f'| {audio} | {r["miou"]:.4f} | {r["fscore"]:.4f} | '
+                 f'{r["miou_per_frame"]:.4f} | {r["fscore_per_frame"]:.4f} |')
+  lines += ['', f'J drop with shuffled audio: {drop:.4f} (the model uses sound '
+            'when this is large).', '',
+            '![training curve](training_curve.png)', '',
+            '![test clips: frames, ground truth, prediction](test_grid.png)', '']
+  return '\n'.join(lines)

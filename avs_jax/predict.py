@@ -2,7 +2,9 @@
 
 Sampling follows the reference preprocessing: with `fps` rounded to an
 integer `r`, second `s` is represented by frame `int(s*r + 15/16*r)` (near
-the end of the second), resized to the model's size; the audio track is
+the end of the second), resized to the model's size with OpenCV's
+`INTER_LINEAR` (no antialiasing, as the frames of AVSBench were made); the
+audio track is
 resampled to 16 kHz mono and cut into 0.96 s log-mel examples. The model
 runs over windows of 5 seconds; a last, partial window is filled by
 repeating its last second and the filler is dropped. ffmpeg comes from the
@@ -13,14 +15,16 @@ import subprocess
 import tempfile
 import warnings
 
+import cv2
+import imageio_ffmpeg
 import jax
 import numpy as np
 from PIL import Image
 
 from avs_jax import audio as audio_lib
-from avs_jax import checkpoint as ckpt_lib
 from avs_jax import data as data_lib
-from avs_jax import evaluate
+from avs_jax import draw
+from avs_jax import runtime
 from avs_jax import utils
 
 WINDOW = 5
@@ -34,13 +38,11 @@ class VideoError(ValueError):
 
 
 def _ffmpeg():
-  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
   return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def _open(path):
   """(frame generator of `[H, W, 3]` uint8, meta dict) of a video file."""
-  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise VideoError(f'{path}: no such file')
   try:
@@ -101,12 +103,22 @@ def sample_seconds(path, image_size):
     raise VideoError(f'{path}: too short ({(i + 1) / fps:.2f} s); at least '
                      '1 s of video with sound is needed')
   h, w = data_lib.records.image_hw(image_size)
-  small = np.stack([np.asarray(Image.fromarray(f).resize((w, h),
-                                                         Image.BILINEAR))
-                    for f in picked]).astype(np.float32) / 255.0
+  small = np.stack([resize_frame(f, h, w) for f in picked]).astype(
+      np.float32) / 255.0
   norm = (small - np.asarray(data_lib.IMAGENET_MEAN)) / np.asarray(
       data_lib.IMAGENET_STD)
   return norm.astype(np.float32), fps, seconds
+
+
+def resize_frame(frame, h, w):
+  """`[H, W, 3]` uint8 -> `[h, w, 3]`: OpenCV bilinear, as the reference."""
+  return cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def upsample_probs(probs, h, w):
+  """`[S, h', w']` probabilities -> `[S, h, w]` (bilinear, float)."""
+  return np.stack([cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
+                   for p in np.asarray(probs, np.float32)])
 
 
 def windows(num_seconds, size=WINDOW):
@@ -118,10 +130,17 @@ def windows(num_seconds, size=WINDOW):
   return out
 
 
+def audio_examples(path, seconds):
+  """The video's log-mel examples `[seconds, 96, 64]` (last one repeated)."""
+  samples = read_audio(path)
+  try:
+    return audio_lib.clip_examples(samples, seconds, audio_lib.SAMPLE_RATE)
+  except audio_lib.AudioLoadError as e:
+    raise VideoError(f'{path}: too short: less than 0.96 s of audio') from e
+
+
 def predict_video(config, workdir):
   """Writes `OUT/masks/*.png` and `OUT/<name>_overlay.mp4` (with sound)."""
-  from avs_jax import train  # pylint: disable=g-import-not-at-top
-  from avs_jax.models import build_model, build_vggish  # pylint: disable=g-import-not-at-top
   pc = config.predict
   if not pc.video:
     raise VideoError('set --config.predict.video=PATH')
@@ -129,52 +148,41 @@ def predict_video(config, workdir):
     raise VideoError('set --config.predict.restore=CHECKPOINT_DIR')
   name = os.path.splitext(os.path.basename(pc.video))[0]
   out = pc.out or os.path.join(workdir, 'predict', name)
+  if pc.mask_size not in ('video', 'model'):
+    raise VideoError(f'predict.mask_size must be video or model, got '
+                     f'{pc.mask_size!r}')
   frames, fps, seconds = sample_seconds(pc.video, config.data.image_size)
-  samples = read_audio(pc.video)
-  examples = audio_lib.waveform_to_examples(samples, 16000)
-  if len(examples) == 0:
-    raise VideoError(f'{pc.video}: too short: less than 0.96 s of audio')
-  if len(examples) < seconds:  # repeat the last second, as the reference
-    examples = np.concatenate(
-        [examples, np.repeat(examples[-1:], seconds - len(examples), 0)])
-  examples = examples[:seconds]
-
-  dtype = train.dtype_of(config)
-  model = build_model(config.model, dtype=dtype)
-  vggish = build_vggish(postprocess=config.audio.postprocess, dtype=dtype)
-  restored, step = ckpt_lib.load_state(pc.restore)
-  variables = {'params': restored['params'],
-               'batch_stats': restored['batch_stats']}
-  audio_vars = train.load_audio_variables(config, vggish)
-
-  @jax.jit
-  def run(f, lm):
-    a = vggish.apply(audio_vars, lm)
-    return model.apply(variables, f, a)['logits']
-
+  examples = audio_examples(pc.video, seconds)
+  # Every process restores (Orbax reads collectively) and computes the same
+  # thing on its own devices; process 0 writes.
+  restored = runtime.Inference(config, pc.restore, mesh=runtime.local_mesh())
   probs = np.zeros((seconds,) + frames.shape[1:3], np.float32)
   for idx in windows(seconds):
-    logits = run(frames[idx][None], examples[idx][None])[0]
+    logits = restored.logits(frames[idx][None], examples[idx][None])[0]
     probs[idx] = np.asarray(jax.nn.sigmoid(logits))  # filler rewrites itself
+  if jax.process_index() != 0:
+    return out
+  video_hw = _open(pc.video)[1]['size'][::-1]
+  full = upsample_probs(probs, *video_hw)
   os.makedirs(os.path.join(out, 'masks'), exist_ok=True)
   for s in range(seconds):
-    Image.fromarray(((probs[s] > 0.5) * 255).astype(np.uint8)).save(
+    mask = full[s] if pc.mask_size == 'video' else probs[s]
+    Image.fromarray(((mask > 0.5) * 255).astype(np.uint8)).save(
         os.path.join(out, 'masks', f'{name}_{s + 1:04d}.png'))
   video = os.path.join(out, f'{name}_overlay.mp4')
-  _write_overlay(pc.video, video, probs, fps)
-  utils.log(f'{seconds} s of {pc.video} (checkpoint step {step}) -> '
+  _write_overlay(pc.video, video, full > 0.5, fps)
+  utils.log(f'{seconds} s of {pc.video} (checkpoint step {restored.step}) -> '
             f'{out}/masks/*.png and {video}')
   return out
 
 
-def _write_overlay(src, dst, probs, fps):
-  """Every frame of `src` with its second's mask, muxed with `src`'s audio."""
-  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
-  gen, meta = _open(src)
-  w, h = meta['size']
+def _write_overlay(src, dst, masks, fps):
+  """Every frame of `src` with its second's mask (`masks [S, H, W]` bool),
+  muxed with `src`'s audio; the audio is padded with silence where it is
+  shorter than the video."""
+  gen, _ = _open(src)
+  w, h = masks.shape[2], masks.shape[1]
   r = int(round(fps))
-  masks = [np.asarray(Image.fromarray((p * 255).astype(np.uint8)).resize(
-      (w, h), Image.BILINEAR)) > 127 for p in probs]
   with tempfile.TemporaryDirectory() as tmp:
     silent = os.path.join(tmp, 'video.mp4')
     writer = imageio_ffmpeg.write_frames(silent, (w, h), fps=fps,
@@ -183,12 +191,12 @@ def _write_overlay(src, dst, probs, fps):
     writer.send(None)
     for i, frame in enumerate(gen):
       s = min(i // r, len(masks) - 1)
-      writer.send(np.ascontiguousarray(evaluate.overlay(frame, masks[s])))
+      writer.send(np.ascontiguousarray(draw.overlay(frame, masks[s])))
     writer.close()
     proc = subprocess.run(
         [_ffmpeg(), '-nostdin', '-v', 'error', '-y', '-i', silent, '-i', src,
          '-map', '0:v', '-map', '1:a', '-c:v', 'copy', '-c:a', 'aac',
-         '-shortest', dst], capture_output=True, text=True, check=False)
+         '-af', 'apad', '-shortest', dst], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
       raise VideoError(f'{dst}: ffmpeg could not write the overlay video: '
                        f'{proc.stderr.strip()[-300:]}')

@@ -1,44 +1,30 @@
 """Training: one sharded `jax.jit` step over a mesh of all devices, one loop.
 
 The global batch is split over the mesh's `data` axis; parameters are
-replicated, or sharded over the same axis (`train.fsdp`). The frozen VGGish
-runs inside the step on the log-mel examples, so the data never depends on
-audio weights and `eval.audio` can break the audio at evaluation time.
-BatchNorm statistics are computed over the global batch (synchronised).
+replicated, or sharded over the same axis (`train.fsdp`). BatchNorm
+statistics are computed over the global batch (synchronised). The frozen
+VGGish runs inside the step on the log-mel examples, or, with
+`audio.precompute`, once per training clip before training (the same
+embeddings: VGGish has no batch-dependent ops). Either way the data does not
+depend on audio weights, and `eval.audio` can break the audio at evaluation.
 """
+import dataclasses
 import functools
 import os
 import signal
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from avs_jax import checkpoint as ckpt_lib
-from avs_jax import convert
 from avs_jax import data as data_lib
 from avs_jax import evaluate
 from avs_jax import losses
-from avs_jax import metrics as metrics_lib
+from avs_jax import runtime
 from avs_jax import utils
-from avs_jax.models import build_model
-from avs_jax.models import build_vggish
-
-NUMERIC_KEYS = ('frames', 'log_mel', 'audio', 'masks', 'labelled', 'valid')
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jnp.ndarray
-  params: Any
-  batch_stats: Any
-  opt_state: Any
 
 
 def make_optimizer(tc, total_steps):
@@ -47,11 +33,11 @@ def make_optimizer(tc, total_steps):
     lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1),
                                             max(total_steps, tc.warmup_steps + 1))
   elif tc.schedule == 'constant':
-    lr = (optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
-          if tc.warmup_steps else tc.lr)
+    lr = tc.lr
     if tc.warmup_steps:
-      lr = optax.join_schedules([lr, optax.constant_schedule(tc.lr)],
-                                [tc.warmup_steps])
+      lr = optax.join_schedules(
+          [optax.linear_schedule(0.0, tc.lr, tc.warmup_steps),
+           optax.constant_schedule(tc.lr)], [tc.warmup_steps])
   else:
     raise ValueError(f'train.schedule must be constant or cosine, got '
                      f'{tc.schedule!r}')
@@ -67,76 +53,6 @@ def make_optimizer(tc, total_steps):
   return opt, lr
 
 
-def make_mesh():
-  """1-D mesh of every device; Auto axes: XLA propagates shardings (pjit)."""
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def state_shardings(abstract_state, mesh, fsdp):
-  """Replicated, or FSDP: each leaf's largest axis divisible by the mesh."""
-  n = mesh.shape['data']
-
-  def spec(x):
-    if not fsdp or x.ndim == 0 or n == 1:
-      return NamedSharding(mesh, P())
-    order = sorted(range(x.ndim), key=lambda a: -x.shape[a])
-    for a in order:
-      if x.shape[a] % n == 0 and x.size >= 2**14:
-        parts = [None] * x.ndim
-        parts[a] = 'data'
-        return NamedSharding(mesh, P(*parts))
-    return NamedSharding(mesh, P())
-  return jax.tree_util.tree_map(spec, abstract_state)
-
-
-def to_device(batch, sharding):
-  """Per-process numpy batch -> global arrays sharded over `data`."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items() if k in NUMERIC_KEYS}
-
-
-def dtype_of(config):
-  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.train.dtype]
-
-
-def load_audio_variables(config, vggish):
-  """VGGish variables from `audio.vggish_checkpoint`, else random (demo)."""
-  ac = config.audio
-  if ac.vggish_checkpoint:
-    sd = convert.load_state_dict(ac.vggish_checkpoint)
-    pca = convert.load_state_dict(ac.pca_checkpoint) if ac.pca_checkpoint \
-        else None
-    return convert.vggish_torch_to_flax(sd, pca)
-  utils.log('audio.vggish_checkpoint is empty: VGGish has RANDOM frozen '
-            'weights (fine for the synthetic demo, not for AVSBench).')
-  return vggish.init(jax.random.key(12345), jnp.zeros((1, 96, 64)))
-
-
-def init_variables(config, model, image_size):
-  h, w = data_lib.records.image_hw(image_size)
-  frames = jnp.zeros((1, 1, h, w, 3))
-  audio = jnp.zeros((1, 1, 128))
-  return model.init(jax.random.key(config.seed), frames, audio)
-
-
-def apply_pretrained(config, variables):
-  """ImageNet backbone (`train.init_backbone`) or a whole checkpoint (`init_from`)."""
-  tc = config.train
-  if tc.init_backbone:
-    sd = convert.load_state_dict(tc.init_backbone)
-    variables = convert.merge_variables(
-        variables, convert.torch_to_flax(sd, config.model))
-    utils.log(f'initialised the encoder from {tc.init_backbone}')
-  if tc.init_from:
-    restored, step = ckpt_lib.load_state(tc.init_from)
-    variables = convert.merge_variables(
-        variables, {'params': restored['params'],
-                    'batch_stats': restored['batch_stats']})
-    utils.log(f'initialised the model from {tc.init_from} (step {step})')
-  return variables
-
-
 def audio_embeddings(vggish, audio_vars, log_mel):
   """`[B, T, 96, 64]` -> `[B, T, 128]`, frozen."""
   return jax.lax.stop_gradient(vggish.apply(audio_vars, log_mel))
@@ -149,18 +65,18 @@ def embedding_table(config, vggish, audio_vars, split='train'):
   collectives); VGGish has no batch-dependent ops, so the embeddings are
   those the train step would compute from the clip's log-mel.
   """
-  dc = config.data
+  dc, bs = config.data, config.eval.batch_size
   apply = jax.jit(functools.partial(audio_embeddings, vggish))
-  ds = data_lib.eval_dataset(dc.dir, dc.setting, split,
-                             batch_size=config.eval.batch_size,
+  local_vars = jax.tree_util.tree_map(
+      lambda x: x.addressable_data(0), audio_vars)
+  ds = data_lib.eval_dataset(dc.dir, dc.setting, split, batch_size=bs,
                              image_size=dc.image_size,
                              num_workers=dc.num_workers,
                              process_index=0, process_count=1)
-  total = -(-data_lib.num_examples(dc.dir, dc.setting, split) //
-            config.eval.batch_size)
+  total = -(-data_lib.num_examples(dc.dir, dc.setting, split) // bs)
   table = {}
   for batch in utils.progress(total, 0, f'VGGish on {split}', iterable=ds):
-    emb = np.asarray(apply(audio_vars, batch['log_mel']))
+    emb = np.asarray(apply(local_vars, batch['log_mel']))
     for i, e, ok in zip(batch['id'], emb, batch['valid']):
       if ok:
         table[str(i)] = e
@@ -175,8 +91,8 @@ def with_audio(batch, table):
   return batch
 
 
-def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
-  """One optimizer step on a global batch. Returns (state, metrics).
+def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
+  """`(loss, (aux, new batch_stats))` of a global batch in train mode.
 
   Audio: `batch['audio']` embeddings if present (`audio.precompute`), else
   the frozen VGGish on `batch['log_mel']`.
@@ -184,23 +100,25 @@ def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
   lc = config.loss
   audio = batch['audio'] if 'audio' in batch else audio_embeddings(
       vggish, audio_vars, batch['log_mel'])
+  out, new_stats = model.apply(
+      {'params': params, 'batch_stats': state.batch_stats}, batch['frames'],
+      audio, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.fold_in(jax.random.key(config.seed),
+                                          state.step)})
+  loss, aux = losses.avs_loss(
+      out, batch['masks'], setting=config.data.setting,
+      avm_weight=lc.avm_weight, avm_stages=tuple(lc.avm_stages),
+      avm_loss=lc.avm_loss, avm_closer=lc.avm_closer,
+      avm_threshold=lc.avm_threshold, avm_norm=lc.avm_norm,
+      avm_pooling=lc.avm_pooling)
+  return loss, (aux, new_stats['batch_stats'])
 
-  def loss_fn(params):
-    out, new_stats = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['frames'],
-        audio, train=True, mutable=['batch_stats'],
-        rngs={'dropout': jax.random.fold_in(jax.random.key(config.seed),
-                                            state.step)})
-    loss, aux = losses.avs_loss(
-        out, batch['masks'], setting=config.data.setting,
-        avm_weight=lc.avm_weight, avm_stages=tuple(lc.avm_stages),
-        avm_loss=lc.avm_loss, avm_closer=lc.avm_closer,
-        avm_threshold=lc.avm_threshold, avm_norm=lc.avm_norm,
-        avm_pooling=lc.avm_pooling)
-    return loss, (aux, new_stats['batch_stats'])
 
+def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
+  """One optimizer step on a global batch. Returns (state, metrics)."""
   (loss, (aux, batch_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+      loss_fn, has_aux=True)(state.params, state, batch, audio_vars,
+                             model=model, vggish=vggish, config=config)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params,
@@ -209,178 +127,233 @@ def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
                      'grad_norm': optax.tree.norm(grads)}
 
 
+def state_loss(state, batch, audio_vars, *, model, vggish, config):
+  """The loss the next step would see with `state` on `batch` (no update)."""
+  return loss_fn(state.params, state, batch, audio_vars, model=model,
+                 vggish=vggish, config=config)[0]
+
+
 class Preemption:
-  """Turns SIGTERM into a flag the loop polls (save, then exit cleanly)."""
+  """Turns SIGTERM into a flag the loop polls (save, then exit cleanly).
+
+  One process only: with several, JAX's own SIGTERM notifier tells every
+  process at the same step (Orbax's `reached_preemption`).
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config, workdir):
-  """Trains per `config`, resuming from `workdir`; ends with test evaluation."""
-  tc, dc = config.train, config.data
-  os.makedirs(workdir, exist_ok=True)
-  writer = utils.MetricWriter(workdir)
-  mesh = make_mesh()
-  data_sharding = NamedSharding(mesh, P('data'))
+def check_finite(first_step, losses_since):
+  """Raises FloatingPointError naming the first step with a non-finite loss.
+
+  `losses_since`: the (device) losses of steps `first_step, first_step+1...`,
+  fetched here in one transfer.
+  """
+  for step, loss in enumerate(jax.device_get(losses_since), first_step):
+    if not np.isfinite(loss):
+      raise FloatingPointError(
+          f'loss is {float(loss)} at step {step}: stopping. Lower train.lr, '
+          'enable train.grad_clip, or check the data; the checkpoints kept in '
+          'WORKDIR/checkpoints are all finite.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Step counts of a run, from the config and the training set's size."""
+  total: int
+  per_epoch: int
+  eval_every: int
+  checkpoint_every: int
+  log_every: int
+
+  @classmethod
+  def of(cls, config, num_train):
+    tc = config.train
+    per_epoch = max(num_train // tc.batch_size, 1)
+    total = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * per_epoch
+    eval_every = max(per_epoch * tc.eval_every_epochs, 1)
+    return cls(total, per_epoch, eval_every, tc.checkpoint_every or eval_every,
+               tc.log_every)
+
+  def is_eval(self, step):
+    return step % self.eval_every == 0 or step == self.total
+
+  def is_save(self, step):
+    return self.is_eval(step) or step % self.checkpoint_every == 0
+
+  def is_log(self, step):
+    return step % self.log_every == 0 or step == self.total
+
+
+def _data_and_state(config, mngr, model, optimizer, mesh):
+  """`(train iterator, state, first step)`: resumed from `mngr`, or fresh."""
+  dc, tc = config.data, config.train
   nproc = jax.process_count()
-  if tc.batch_size % jax.device_count():
-    raise ValueError(f'train.batch_size={tc.batch_size} must be a multiple of '
-                     f'the device count {jax.device_count()}')
-  local_bs = tc.batch_size // nproc
-
-  num_train = data_lib.num_examples(dc.dir, dc.setting, 'train')
-  steps_per_epoch = max(num_train // tc.batch_size, 1)
-  total_steps = tc.num_steps if tc.num_steps > 0 else \
-      tc.num_epochs * steps_per_epoch
-  eval_every = max(steps_per_epoch * tc.eval_every_epochs, 1)
-  ckpt_every = tc.checkpoint_every or eval_every
-  utils.log(f'{num_train} train clips, {steps_per_epoch} steps/epoch, '
-            f'{total_steps} steps, global batch {tc.batch_size} on '
-            f'{jax.device_count()} devices / {nproc} processes')
-
-  train_ds = data_lib.train_dataset(
-      dc.dir, dc.setting, batch_size=local_bs, image_size=dc.image_size,
-      seed=config.seed, num_workers=dc.num_workers,
-      process_index=jax.process_index(), process_count=nproc)
-  train_iter = iter(train_ds)
-
-  dtype = dtype_of(config)
-  model = build_model(config.model, dtype=dtype, remat=tc.remat)
-  vggish = build_vggish(postprocess=config.audio.postprocess, dtype=dtype)
-  optimizer, lr_fn = make_optimizer(tc, total_steps)
-
-  def init_state():
-    variables = init_variables(config, model, dc.image_size)
-    return TrainState(step=jnp.zeros((), jnp.int32),
-                      params=variables['params'],
-                      batch_stats=variables['batch_stats'],
-                      opt_state=optimizer.init(variables['params']))
-
-  abstract_state = jax.eval_shape(init_state)
-  shardings = state_shardings(abstract_state, mesh, tc.fsdp)
-  replicated = NamedSharding(mesh, P())
-  audio_vars = jax.device_put(load_audio_variables(config, vggish), replicated)
-
-  table = None
-  if config.audio.precompute:
-    table = embedding_table(config, vggish, audio_vars)
-
-  mngr = ckpt_lib.manager(os.path.join(workdir, 'checkpoints'), keep=tc.keep)
-  start = mngr.latest_step()
-  if start is not None:
-    restored = ckpt_lib.restore(
-        mngr, start, ckpt_lib.abstract(abstract_state_dict(abstract_state,
-                                                           shardings)),
-        train_iter)
-    state = TrainState(**restored['state'])
-    train_iter = restored['data']
+  train_iter = iter(data_lib.train_dataset(
+      dc.dir, dc.setting, batch_size=tc.batch_size // nproc,
+      image_size=dc.image_size, seed=config.seed, num_workers=dc.num_workers,
+      process_index=jax.process_index(), process_count=nproc))
+  abstract, shardings = runtime.abstract_train_state(config, model, optimizer,
+                                                     mesh)
+  target = runtime.restore_target(abstract, shardings)
+  while mngr.latest_step() is not None:
+    start = mngr.latest_step()
+    try:
+      restored = ckpt_lib.restore(mngr, start, target, train_iter)
+    except ckpt_lib.CheckpointError:  # does not fit the model: stop, say why
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # damaged files
+      ckpt_lib.set_aside(mngr, start, ckpt_lib.reason(e))
+      continue
     utils.log(f'resumed from {mngr.directory} at step {start}')
-  else:
-    variables = apply_pretrained(
-        config, init_variables(config, model, dc.image_size))
-    state = jax.device_put(TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables['params'],
-        batch_stats=variables['batch_stats'],
-        opt_state=optimizer.init(variables['params'])), shardings)
-    start = 0
+    return restored['data'], runtime.TrainState(**restored['state']), start
+  return train_iter, runtime.initial_state(config, model, optimizer,
+                                           shardings), 0
 
+
+def _compile_steps(config, model, vggish, optimizer, mesh, state):
+  """The jitted train step and the (no-update) loss check of a state."""
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  data, rep = runtime.batch_sharding(mesh), runtime.replicated(mesh)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, vggish=vggish,
                         optimizer=optimizer, config=config),
-      in_shardings=(shardings, data_sharding, replicated),
-      out_shardings=(shardings, replicated), donate_argnums=(0,))
-  evaluator = evaluate.Evaluator(config, model, vggish, mesh)
+      in_shardings=(shardings, data, rep), out_shardings=(shardings, rep),
+      donate_argnums=(0,))
+  loss_of = jax.jit(
+      functools.partial(state_loss, model=model, vggish=vggish, config=config),
+      in_shardings=(shardings, data, rep), out_shardings=rep)
+  return step_fn, loss_of
 
-  preempt = Preemption()
-  pending = None  # (step, metrics) of the previous step: checked one step late
-  t0, last_log = time.time(), start
-  bar = utils.progress(total_steps, start, 'train')
+
+def train_and_evaluate(config, workdir):
+  """Trains per `config`, resuming from `workdir`; ends with test evaluation.
+
+  Returns the test results of the best checkpoint, or None when stopped by
+  a preemption signal (after saving; the same command resumes).
+  """
+  tc, dc = config.train, config.data
+  if tc.batch_size % jax.device_count():
+    raise ValueError(f'train.batch_size={tc.batch_size} must be a multiple of '
+                     f'the device count {jax.device_count()}')
+  os.makedirs(workdir, exist_ok=True)
+  num_train = data_lib.num_examples(dc.dir, dc.setting, 'train')
+  sched = Schedule.of(config, num_train)
+  utils.log(f'{num_train} train clips, {sched.per_epoch} steps/epoch, '
+            f'{sched.total} steps, global batch {tc.batch_size} on '
+            f'{jax.device_count()} devices / {jax.process_count()} processes')
+  mesh = runtime.make_mesh()
+  model, vggish = runtime.build(config, remat=tc.remat)
+  optimizer, lr_fn = make_optimizer(tc, sched.total)
+  audio_vars = runtime.audio_variables(config, vggish, mesh)
+  table = embedding_table(config, vggish, audio_vars) \
+      if config.audio.precompute else None
+  mngr = ckpt_lib.manager(os.path.join(workdir, 'checkpoints'), keep=tc.keep)
+  train_iter, state, start = _data_and_state(config, mngr, model, optimizer,
+                                             mesh)
+  step_fn, loss_of = _compile_steps(config, model, vggish, optimizer, mesh,
+                                    state)
+  loop = Loop(config, workdir, sched, mngr, start, lr_fn, evaluate.Evaluator(
+      config, model, vggish, mesh, audio_vars))
+  sharding = runtime.batch_sharding(mesh)
   try:
-    for step in range(start, total_steps):
-      batch = next(train_iter)
-      if table is not None:
-        batch = with_audio(batch, table)
-      batch = to_device(batch, data_sharding)
-      state, step_metrics = step_fn(state, batch, audio_vars)
-      if pending is not None:
-        _check_finite(*pending)
-      pending = (step + 1, step_metrics)
-      bar.update(1)
-      done = step + 1
-      if done % tc.log_every == 0 or done == total_steps:
-        _check_finite(*pending)
-        m = jax.device_get(step_metrics)
-        dt = (time.time() - t0) / max(done - last_log, 1)
-        t0, last_log = time.time(), done
-        scalars = {k: float(v) for k, v in m.items()}
-        scalars.update(lr=float(lr_fn(done) if callable(lr_fn) else lr_fn),
-                       step_time=dt, clips_per_sec=tc.batch_size / dt)
-        writer.write(done, scalars)
-        bar.set_postfix(loss=f'{scalars["loss"]:.4f}')
-      is_eval = done % eval_every == 0 or done == total_steps
-      metrics = None
-      if is_eval or done % ckpt_every == 0:
-        _check_finite(*pending)  # never evaluate or save a diverged state
-      if is_eval:
-        val = evaluator.run(state, dc.setting, config.eval.val_split,
-                            desc=f'val@{done}')
-        metrics = {ckpt_lib.BEST_METRIC: val['miou'],
-                   'val_fscore': val['fscore']}
-        writer.write(done, metrics)
-        bar.write(f'step {done}: val J {val["miou"]:.4f} F {val["fscore"]:.4f}')
-      preempted = preempt.requested or mngr.reached_preemption(done)
-      if is_eval or done % ckpt_every == 0 or preempted:
-        _check_finite(*pending)
-        ckpt_lib.save(mngr, done, state_dict(state), train_iter,
-                      metrics=metrics, force=True)
-      if preempted:
-        mngr.wait_until_finished()
-        utils.log(f'preempted: saved step {done} to {mngr.directory}; '
-                  're-run the same command to resume')
-        return None
+    for step in range(start, sched.total):
+      host = next(train_iter)
+      batch = runtime.to_device(
+          with_audio(host, table) if table is not None else host, sharding)
+      state, metrics = step_fn(state, batch, audio_vars)
+      if loop.after_step(step + 1, state, metrics, train_iter,
+                         lambda s: loss_of(s, batch, audio_vars)):
+        return None  # preempted, saved
   finally:
-    bar.close()
-    preempt.restore()
-    mngr.wait_until_finished()
-  if pending is not None:
-    _check_finite(*pending)
-
+    loop.close()
   best = ckpt_lib.best_step(mngr)
+  mngr.close()
   utils.log(f'evaluating the best checkpoint (step {best}) on '
             f'{config.eval.split}')
-  results = evaluate.evaluate_checkpoint(
+  return evaluate.evaluate_checkpoint(
       config, workdir, os.path.join(mngr.directory, str(best)))
-  mngr.close()
-  writer.close()
-  return results
 
 
-def state_dict(state):
-  return {'step': state.step, 'params': state.params,
-          'batch_stats': state.batch_stats, 'opt_state': state.opt_state}
+class Loop:
+  """What happens between steps: finite checks, logs, validation, saving."""
 
+  def __init__(self, config, workdir, sched, mngr, start, lr_fn, evaluator):
+    self.config, self.sched, self.mngr = config, sched, mngr
+    self.lr_fn, self.evaluator = lr_fn, evaluator
+    self.writer = utils.MetricWriter(workdir, resume_step=start)
+    self.bar = utils.progress(sched.total, start, 'train')
+    self.preempt = Preemption()
+    self.losses, self.first = [], start + 1  # unchecked losses since `first`
+    self.t0, self.last_log = time.time(), start
 
-def abstract_state_dict(abstract_state, shardings):
-  a = state_dict(abstract_state)
-  s = state_dict(shardings)
-  return jax.tree_util.tree_map(
-      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), a, s)
+  def after_step(self, done, state, metrics, train_iter, loss_of):
+    """Returns True when preempted (the state is saved: stop now)."""
+    self.bar.update(1)
+    self.losses.append(metrics['loss'])
+    preempted = self.preempt.requested or self.mngr.reached_preemption(done)
+    save = self.sched.is_save(done) or preempted
+    if self.sched.is_log(done) or save:
+      check_finite(self.first, self.losses)
+      self.losses, self.first = [], done + 1
+    if self.sched.is_log(done):
+      self._log(done, metrics)
+    if save:
+      self._validate_and_save(done, state, train_iter, loss_of)
+    if preempted:
+      self.mngr.wait_until_finished()
+      utils.log(f'preempted: saved step {done} to {self.mngr.directory}; '
+                're-run the same command to resume')
+    return preempted
 
+  def _log(self, done, metrics):
+    dt = (time.time() - self.t0) / max(done - self.last_log, 1)
+    self.t0, self.last_log = time.time(), done
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    lr = self.lr_fn(done) if callable(self.lr_fn) else self.lr_fn
+    scalars.update(lr=float(lr), step_time=dt,
+                   clips_per_sec=self.config.train.batch_size / dt)
+    self.writer.write(done, scalars)
+    self.bar.set_postfix(loss=f'{scalars["loss"]:.4f}')
 
-def _check_finite(step, step_metrics):
-  loss = float(jax.device_get(step_metrics['loss']))
-  if not np.isfinite(loss):
-    raise FloatingPointError(
-        f'loss is {loss} at step {step}: stopping. Lower train.lr, enable '
-        'train.grad_clip, or check the data; the last good checkpoint is '
-        'kept in WORKDIR/checkpoints.')
+  def _validate_and_save(self, done, state, train_iter, loss_of):
+    """Checkpoint `state` (after step `done`), with val J at eval steps.
 
+    The state itself is checked first: its parameters must give a finite
+    loss on the last batch, so no diverged state becomes a checkpoint.
+    """
+    loss = float(jax.device_get(loss_of(state)))
+    if not np.isfinite(loss):
+      raise FloatingPointError(
+          f'the parameters after step {done} give a loss of {loss}: not saved,'
+          ' stopping. Lower train.lr or enable train.grad_clip; the '
+          'checkpoints kept in WORKDIR/checkpoints are all finite.')
+    metrics = None
+    if self.sched.is_eval(done):
+      val = self.evaluator.run(state.variables, self.config.data.setting,
+                               self.config.eval.val_split, desc=f'val@{done}')
+      metrics = {ckpt_lib.BEST_METRIC: val['miou'],
+                 'val_fscore': val['fscore']}
+      self.writer.write(done, metrics)
+      self.bar.write(f'step {done}: val J {val["miou"]:.4f} F '
+                     f'{val["fscore"]:.4f}')
+    ckpt_lib.save(self.mngr, done, state.as_dict(), train_iter,
+                  metrics=metrics, force=True)
+
+  def close(self):
+    self.bar.close()
+    self.preempt.restore()
+    self.mngr.wait_until_finished()
+    self.writer.close()

@@ -18,14 +18,34 @@ def progress(total, initial=0, desc='', iterable=None):
                    disable=jax.process_index() != 0, file=sys.stderr)
 
 
+def _truncate_jsonl(path, last_step):
+  """Keeps the rows of `path` up to `last_step` (and complete lines only)."""
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # a line cut by a kill
+        continue
+      if row.get('step', 0) <= last_step:
+        keep.append(json.dumps(row) + '\n')
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(keep)
+  os.replace(path + '.tmp', path)
+
+
 class MetricWriter:
   """Scalars to TensorBoard (`WORKDIR/tb`) and `WORKDIR/metrics.jsonl`; process 0 only."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, resume_step=None):
+    """`resume_step`: rows of later steps (a run resumed there) are dropped."""
     self.active = jax.process_index() == 0
     self._tb = None
     if self.active:
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if resume_step is not None and os.path.exists(path):
+        _truncate_jsonl(path, resume_step)
+      self._jsonl = open(path, 'a')
       try:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         tf.config.set_visible_devices([], 'GPU')  # keep TF off accelerators

@@ -1,10 +1,10 @@
 r"""Train- and eval-step throughput of the AVS model: time, clips/s, FLOPs, MFU.
 
-  python bench/train_step.py --config configs/s4.py --backbone resnet50 \
+  python bench/train_step.py --config=configs/s4.py --backbone=resnet50 \
       --image_size 224 --batch 1 --dtype float32 --steps 5
   python bench/train_step.py --backbone pvt_v2_b5 --dtype bfloat16 --batch 16
   python bench/train_step.py --devices 4 --per_device_batch 1 --image_size 64 \
-      --backbone pvt_v2_b0 --set model.channels=64     # simulated CPU devices
+      --backbone pvt_v2_b0 --config.model.channels=64  # simulated CPU devices
 
 Times the real step: `avs_jax.train.train_step` jitted exactly as
 `train_and_evaluate` does (state and data shardings over the 1-D `data` mesh,
@@ -37,19 +37,24 @@ on an abstract mesh of that many chips, and the script says so).
 `--json FILE` writes every figure.
 """
 
-import argparse
-import ast
+import functools
 import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# JAX itself is imported in `main`, after `--devices` has set XLA_FLAGS.
 from avs_jax.xla_flags import set_xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Dense peak TFLOP/s per chip (vendor figures, no sparsity), by compute dtype.
@@ -77,93 +82,41 @@ def peak_tflops(device_kind, dtype):
   return None
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--config', default='configs/s4.py',
-                 help='config file; its get_config(arg) gets --backbone')
-  p.add_argument('--backbone', default=None,
-                 help='resnet50 | pvt_v2_b0 ... pvt_v2_b5 (default: config)')
-  p.add_argument('--image_size', type=int, default=224)
-  p.add_argument('--frames', type=int, default=5, help='frames per clip')
-  g = p.add_mutually_exclusive_group()
-  g.add_argument('--batch', type=int, default=None,
-                 help='global batch in clips (default: config train.batch_size)')
-  g.add_argument('--per_device_batch', type=int, default=None,
-                 help='clips per device; global batch = this x devices')
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  p.add_argument('--steps', type=int, default=5, help='timed steps')
-  p.add_argument('--warmup', type=int, default=2,
-                 help='untimed steps after the compile')
-  p.add_argument('--remat', action='store_true', help='train.remat')
-  p.add_argument('--fsdp', action='store_true', help='train.fsdp')
-  p.add_argument('--eval', action='store_true',
-                 help='also time the eval step (Evaluator) on the same batch')
-  p.add_argument('--eval_only', action='store_true',
-                 help='time only the eval step')
-  p.add_argument('--devices', type=int, default=None,
-                 help='simulate N CPU devices (XLA_FLAGS; CPU only)')
-  p.add_argument('--xla_defaults', action='store_true',
-                 help="keep XLA:CPU's defaults (else CPU_XLA_FLAGS are added)")
-  p.add_argument('--scaling', default=None, metavar='1,2,4,8',
-                 help='scaling study: one run per simulated device count with '
-                      '--per_device_batch fixed, and one per count with the '
-                      'global batch fixed (same-result check)')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config override, e.g. --set model.channels=64')
-  p.add_argument('--seed', type=int, default=0, help='random batch seed')
-  p.add_argument('--init', default='model', choices=('model', 'host'),
-                 help="model: the model's own init (one more compile); host: "
-                      'numpy random weights of the same shapes (fast)')
-  p.add_argument('--cpu_gemm', action='store_true',
-                 help='measure a 2048^3 float32 GEMM as a CPU ceiling')
-  p.add_argument('--aot_tpu', default=None, metavar='TOPOLOGY',
-                 help='try an AOT compile for a TPU topology, e.g. v5e:4x4')
-  p.add_argument('--profile', default=None, metavar='DIR',
-                 help='jax.profiler trace of 2 extra train steps (perfetto)')
-  p.add_argument('--aot_only', action='store_true',
-                 help='with --aot_tpu: stop after it (no local timing)')
-  p.add_argument('--json', default=None, help='write the figures here')
-  return p.parse_args(argv)
-
-
-def load_config(path, backbone):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'bench_config', path if os.path.isabs(path) else os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(backbone)
-  if backbone:  # configs that take no argument (synthetic.py) too
-    config.model.backbone = backbone
-  return config
-
-
-def apply_override(config, item):
-  key, sep, raw = item.partition('=')
-  if not sep:
-    raise SystemExit(f'--set wants KEY=VALUE, got {item!r}')
-  *path, leaf = key.split('.')
-  node = config
-  for part in path:
-    node = node[part]
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  if isinstance(node[leaf], tuple) and isinstance(value, list):
-    value = tuple(value)
-  node[leaf] = value
+# pylint: disable=line-too-long
+config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 's4.py'), 'Config file (`path:arg` passes arg to get_config); `--config.x.y=v` overrides.')
+flags.DEFINE_string('backbone', None, 'resnet50 | pvt_v2_b0 ... pvt_v2_b5 (default: the config\'s)')
+flags.DEFINE_integer('image_size', 224, 'Frame height and width.')
+flags.DEFINE_integer('frames', 5, 'Frames per clip.')
+flags.DEFINE_integer('batch', None, 'Global batch in clips (default: config train.batch_size).')
+flags.DEFINE_integer('per_device_batch', None, 'Clips per device; global batch = this x devices.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype (train.dtype).')
+flags.DEFINE_integer('steps', 5, 'Timed steps.')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps after the compile.')
+flags.DEFINE_bool('remat', False, 'train.remat')
+flags.DEFINE_bool('fsdp', False, 'train.fsdp')
+flags.DEFINE_bool('eval', False, 'Also time the eval step on the same batch.')
+flags.DEFINE_bool('eval_only', False, 'Time only the eval step.')
+flags.DEFINE_integer('devices', None, 'Simulate N CPU devices (XLA_FLAGS; CPU only).')
+flags.DEFINE_bool('xla_defaults', False, "Keep XLA:CPU's defaults (else CPU_XLA_FLAGS are added).")
+flags.DEFINE_string('scaling', None, 'Scaling study, e.g. 1,2,4,8: one run per simulated device count with --per_device_batch fixed, and one per count with the global batch fixed (same-result check).')
+flags.DEFINE_integer('seed', 0, 'Random batch seed.')
+flags.DEFINE_enum('init', 'model', ['model', 'host'], "model: the model's own init (one more compile); host: numpy random weights of the same shapes (fast).")
+flags.DEFINE_bool('cpu_gemm', False, 'Measure a 2048^3 float32 GEMM as a CPU ceiling.')
+flags.DEFINE_string('aot_tpu', None, 'Try an AOT compile for a TPU topology, e.g. v5e:4x4.')
+flags.DEFINE_string('profile', None, 'jax.profiler trace of 2 extra train steps (perfetto) into this dir.')
+flags.DEFINE_bool('aot_only', False, 'With --aot_tpu: stop after it (no local timing).')
+flags.DEFINE_string('json', None, 'Write every figure here.')
+# pylint: enable=line-too-long
+FLAGS = flags.FLAGS
 
 
 def random_batch(rng, batch, frames, h, w, setting):
   """A host batch of the pipeline's keys, shapes and dtypes."""
-  labelled = np.zeros((batch, frames), bool)
-  labelled[:, 0 if setting == 's4' else slice(None)] = True
+  del setting  # S4 and MS3 batches have the same entries
   return {
       'frames': rng.standard_normal((batch, frames, h, w, 3), np.float32),
       'log_mel': rng.standard_normal((batch, frames, 96, 64), np.float32),
       'masks': (rng.random((batch, frames, h, w)) < 0.3).astype(np.float32),
-      'labelled': labelled,
       'valid': np.ones((batch,), bool),
   }
 
@@ -273,67 +226,75 @@ def fmt_bytes(b):
   return 'n/a' if b is None else f'{b / 2**30:.2f} GiB'
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  if args.scaling:
-    return scaling_study(args, argv)
-  set_xla_flags(args.devices, args.xla_defaults)
-
-  # pylint: disable=g-import-not-at-top
-  import functools
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
-  from avs_jax import evaluate
-  from avs_jax import train
-  from avs_jax.models import build_model, build_vggish
-  # pylint: enable=g-import-not-at-top
-
-  config = load_config(args.config, args.backbone)
-  for item in args.set:
-    apply_override(config, item)
-  config.train.dtype = args.dtype
-  config.train.remat = bool(args.remat or config.train.remat)
-  config.train.fsdp = bool(args.fsdp or config.train.fsdp)
-  config.data.image_size = args.image_size
-
-  ndev = jax.device_count()
-  if args.devices and ndev != args.devices:
-    raise SystemExit(f'asked for {args.devices} devices, JAX has {ndev} '
-                     f'({jax.devices()[0].platform}); --devices simulates '
-                     'CPU devices only')
-  if args.per_device_batch:
-    gbs = args.per_device_batch * ndev
+def bench_config(ndev):
+  """The config with the command line's settings; `(config, global batch)`."""
+  config = FLAGS.config
+  if FLAGS.backbone:  # configs that take no argument (synthetic.py) too
+    config.model.backbone = FLAGS.backbone
+  config.train.dtype = FLAGS.dtype
+  config.train.remat = bool(FLAGS.remat or config.train.remat)
+  config.train.fsdp = bool(FLAGS.fsdp or config.train.fsdp)
+  config.data.image_size = FLAGS.image_size
+  if FLAGS.per_device_batch:
+    gbs = FLAGS.per_device_batch * ndev
   else:
-    gbs = args.batch or config.train.batch_size
+    gbs = FLAGS.batch or config.train.batch_size
   if gbs % ndev:
     raise SystemExit(f'global batch {gbs} is not a multiple of {ndev} devices')
-  config.train.batch_size = gbs
-  config.eval.batch_size = gbs
-  dev = jax.devices()[0]
-  kind = dev.device_kind
-  h = w = args.image_size
-  t = args.frames
+  config.train.batch_size = config.eval.batch_size = gbs
+  return config, gbs
+
+
+def describe(jax, config, gbs):
+  """The run's settings (`res`), printed."""
+  dev, ndev = jax.devices()[0], jax.device_count()
+  c = config
   res = {
-      'device_kind': kind, 'platform': dev.platform, 'devices': ndev,
-      'config': args.config, 'backbone': config.model.backbone,
-      'channels': config.model.channels, 'tpavi_mode': config.model.tpavi_mode,
-      'setting': config.data.setting, 'image_size': args.image_size,
-      'frames': t, 'global_batch': gbs, 'per_device_batch': gbs // ndev,
-      'dtype': args.dtype, 'remat': config.train.remat,
-      'fsdp': config.train.fsdp, 'jax': jax.__version__,
-  }
-  res['xla_flags'] = os.environ.get('XLA_FLAGS', '')
-  print(f'device: {kind} x {ndev} ({dev.platform}), jax {jax.__version__}, '
-        f'XLA_FLAGS={res["xla_flags"]!r}')
-  print(f'config: {args.config} backbone={config.model.backbone} '
-        f'channels={config.model.channels} tpavi={config.model.tpavi_mode} '
-        f'setting={config.data.setting} {h}x{w}x{t} frames, global batch '
-        f'{gbs} ({gbs // ndev}/device), {args.dtype}, remat='
-        f'{config.train.remat}, fsdp={config.train.fsdp}, VGGish '
-        f'{"precomputed" if config.audio.precompute else "in the step"}')
-  if args.cpu_gemm:
+      'device_kind': dev.device_kind, 'platform': dev.platform,
+      'devices': ndev, 'config': config_flags.get_config_filename(
+          FLAGS['config']), 'backbone': c.model.backbone,
+      'channels': c.model.channels, 'tpavi_mode': c.model.tpavi_mode,
+      'setting': c.data.setting, 'image_size': FLAGS.image_size,
+      'frames': FLAGS.frames, 'global_batch': gbs,
+      'per_device_batch': gbs // ndev, 'dtype': FLAGS.dtype,
+      'remat': c.train.remat, 'fsdp': c.train.fsdp, 'jax': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  print(f'device: {dev.device_kind} x {ndev} ({dev.platform}), jax '
+        f'{jax.__version__}, XLA_FLAGS={res["xla_flags"]!r}')
+  print(f'config: {res["config"]} backbone={c.model.backbone} '
+        f'channels={c.model.channels} tpavi={c.model.tpavi_mode} '
+        f'setting={c.data.setting} {FLAGS.image_size}x{FLAGS.image_size}x'
+        f'{FLAGS.frames} frames, global batch {gbs} ({gbs // ndev}/device), '
+        f'{FLAGS.dtype}, remat={c.train.remat}, fsdp={c.train.fsdp}, VGGish '
+        f'{"precomputed" if c.audio.precompute else "in the step"}')
+  return res
+
+
+def main(argv):
+  del argv
+  if FLAGS.scaling:
+    scaling_study()
+  else:
+    bench()
+
+
+def bench():
+  """Times the steps per the flags; returns (and with --json writes) `res`."""
+  set_xla_flags(FLAGS.devices, FLAGS.xla_defaults)
+  # pylint: disable=g-import-not-at-top
+  import jax  # after set_xla_flags: XLA reads the flags when it starts
+  import jax.numpy as jnp
+  from avs_jax import runtime
+  from avs_jax import train
+  # pylint: enable=g-import-not-at-top
+  ndev = jax.device_count()
+  if FLAGS.devices and ndev != FLAGS.devices:
+    raise SystemExit(f'asked for {FLAGS.devices} devices, JAX has {ndev} '
+                     f'({jax.devices()[0].platform}); --devices simulates '
+                     'CPU devices only')
+  config, gbs = bench_config(ndev)
+  res = describe(jax, config, gbs)
+  if FLAGS.cpu_gemm:
     res['cpu_gemm_tflops'], res['cpu_gemm_tflop_per_cpu_s'] = \
         cpu_gemm_tflops(jax, jnp)
     print(f'float32 2048^3 GEMM on this device: '
@@ -342,159 +303,150 @@ def main(argv=None):
           '(ceiling reference)')
 
   # The step exactly as train_and_evaluate builds it.
-  mesh = train.make_mesh()
-  data_sharding = NamedSharding(mesh, P('data'))
-  replicated = NamedSharding(mesh, P())
-  dtype = train.dtype_of(config)
-  model = build_model(config.model, dtype=dtype, remat=config.train.remat)
-  vggish = build_vggish(postprocess=config.audio.postprocess, dtype=dtype)
+  mesh = runtime.make_mesh()
+  model, vggish = runtime.build(config, remat=config.train.remat)
   optimizer, _ = train.make_optimizer(config.train, total_steps=1000)
-
-  def init_state():
-    variables = train.init_variables(config, model, args.image_size)
-    return train.TrainState(step=jnp.zeros((), jnp.int32),
-                            params=variables['params'],
-                            batch_stats=variables['batch_stats'],
-                            opt_state=optimizer.init(variables['params']))
-
-  abstract_state = jax.eval_shape(init_state)
-  shardings = train.state_shardings(abstract_state, mesh, config.train.fsdp)
-  n_params = sum(int(np.prod(x.shape)) for x in
-                 jax.tree_util.tree_leaves(abstract_state.params))
-  state_bytes = sum(x.size * x.dtype.itemsize for x in
-                    jax.tree_util.tree_leaves(abstract_state))
-  res['params'] = n_params
-  res['state_bytes'] = state_bytes
-  print(f'model: {n_params / 1e6:.2f} M parameters; train state (params + '
-        f'Adam + BN stats) {state_bytes / 2**20:.0f} MiB float32')
-
+  abstract_state, shardings = runtime.abstract_train_state(
+      config, model, optimizer, mesh)
+  res['params'] = sum(int(np.prod(x.shape)) for x in
+                      jax.tree_util.tree_leaves(abstract_state.params))
+  res['state_bytes'] = sum(x.size * x.dtype.itemsize for x in
+                           jax.tree_util.tree_leaves(abstract_state))
+  print(f'model: {res["params"] / 1e6:.2f} M parameters; train state (params '
+        f'+ Adam + BN stats) {res["state_bytes"] / 2**20:.0f} MiB float32')
   step = functools.partial(train.train_step, model=model, vggish=vggish,
                            optimizer=optimizer, config=config)
-  step_fn = jax.jit(
-      step, in_shardings=(shardings, data_sharding, replicated),
-      out_shardings=(shardings, replicated), donate_argnums=(0,))
-
-  host = random_batch(np.random.default_rng(args.seed), gbs, t, h, w,
-                      config.data.setting)
-  if config.audio.precompute:  # VGGish ran once per clip, outside the step
-    host_train = {k: v for k, v in host.items() if k != 'log_mel'}
-    host_train['audio'] = np.abs(np.random.default_rng(args.seed).standard_normal(
-        (gbs, t, 128), np.float32))
-  else:
-    host_train = host
-  batch = train.to_device(host_train, data_sharding)
-  jax.block_until_ready(batch)
-
+  host = random_batch(np.random.default_rng(FLAGS.seed), gbs, FLAGS.frames,
+                      FLAGS.image_size, FLAGS.image_size, config.data.setting)
   audio_vars = jax.jit(
       lambda: vggish.init(jax.random.key(12345), jnp.zeros((1, 96, 64))),
-      out_shardings=replicated)()
-  state = None
+      out_shardings=runtime.replicated(mesh))()
 
-  if args.aot_tpu:
-    res['aot_tpu'] = aot_tpu(args.aot_tpu, gbs // ndev, step, abstract_state,
-                             (t, args.image_size, config.data.setting),
+  if FLAGS.aot_tpu:
+    res['aot_tpu'] = aot_tpu(FLAGS.aot_tpu, gbs // ndev, step, abstract_state,
+                             (FLAGS.frames, FLAGS.image_size,
+                              config.data.setting),
                              vggish, config.train.fsdp)
-    if args.aot_only:
-      if args.json:
-        with open(args.json, 'w') as f:
-          json.dump(res, f, indent=2)
-      return res
-
-  if not args.eval_only:
-    t0 = time.perf_counter()
-    if args.init == 'model':
-      state = jax.jit(init_state, out_shardings=shardings)()
-    else:
-      state = jax.device_put(host_state(abstract_state, args.seed), shardings)
-    jax.block_until_ready(state)
-    res['init_s'] = time.perf_counter() - t0
-    print(f'state init ({args.init}): {res["init_s"]:.1f} s')
-
-    t0 = time.perf_counter()
-    lowered = step_fn.lower(state, batch, audio_vars)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    res['lower_s'], res['compile_s'] = t1 - t0, t2 - t1
-    flops = flops_of(compiled)
-    res['flops_per_step_per_device'] = flops
-    res['flops_per_step'] = flops * ndev if flops else None
-    res['train_memory'] = memory_of(compiled)
-    print(f'train compile: lower {t1 - t0:.1f} s + compile {t2 - t1:.1f} s')
-
-    first, last = {}, [None]
-
-    def run_one():
-      nonlocal state
-      state, m = compiled(state, batch, audio_vars)
-      if not first:
-        first.update(jax.device_get(m))
-      last[0] = m
-      return m
-
-    times, pipelined, cpu = time_steps(run_one, args.steps, args.warmup,
-                                       jax.block_until_ready)
-    step_s = statistics.median(times)
-    res.update(step_times_s=times, step_s=step_s, pipelined_step_s=pipelined,
-               cpu_s_per_step=cpu,
-               clips_per_s=gbs / step_s, pipelined_clips_per_s=gbs / pipelined,
-               first_step_metrics={k: float(v) for k, v in first.items()},
-               last_step_metrics={k: float(v) for k, v in
-                                  jax.device_get(last[0]).items()},
-               steps_run=args.warmup + 2 * args.steps)
-    report('train', res, flops, step_s, pipelined, gbs, ndev, kind,
-           args.dtype, res['train_memory'], cpu)
-    print(f'  first step: loss {first["loss"]:.6f} grad_norm '
-          f'{first["grad_norm"]:.6f}; step {res["steps_run"]}: loss '
-          f'{res["last_step_metrics"]["loss"]:.6f}')
-    if args.profile:
-      with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-        for _ in range(2):
-          jax.block_until_ready(run_one())
-      print(f'  profile of 2 steps: {args.profile}')
-
-  if args.eval or args.eval_only:
-    evaluator = evaluate.Evaluator(config, model, vggish, mesh)
-    if state is not None:
-      variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    else:
-      variables = jax.jit(
-          lambda: train.init_variables(config, model, args.image_size),
-          out_shardings=replicated)()
-    eval_batch = train.to_device(
-        {k: host[k] for k in ('frames', 'log_mel', 'masks', 'valid')},
-        data_sharding)
-    t0 = time.perf_counter()
-    compiled_eval = evaluator._step.lower(  # pylint: disable=protected-access
-        variables['params'], variables['batch_stats'], audio_vars,
-        eval_batch).compile()
-    res['eval_compile_s'] = time.perf_counter() - t0
-    eflops = flops_of(compiled_eval)
-    res['eval_flops_per_step'] = eflops * ndev if eflops else None
-    res['eval_memory'] = memory_of(compiled_eval)
-    print(f'eval compile: {res["eval_compile_s"]:.1f} s')
-
-    def run_eval():
-      return compiled_eval(variables['params'], variables['batch_stats'],
-                           audio_vars, eval_batch)
-
-    times, pipelined, cpu = time_steps(run_eval, args.steps, args.warmup,
-                                       jax.block_until_ready)
-    es = statistics.median(times)
-    res.update(eval_step_times_s=times, eval_step_s=es, eval_cpu_s_per_step=cpu,
-               eval_pipelined_step_s=pipelined, eval_clips_per_s=gbs / es,
-               eval_pipelined_clips_per_s=gbs / pipelined)
-    report('eval', res, eflops, es, pipelined, gbs, ndev, kind, args.dtype,
-           res['eval_memory'], cpu)
-
-  res['device_peak_bytes'] = device_peak_bytes(jax.local_devices())
-  res['rss_peak_bytes'] = rss_peak_bytes()
-  print(f'memory: device peak {fmt_bytes(res["device_peak_bytes"])}, '
-        f'process peak RSS {fmt_bytes(res["rss_peak_bytes"])}')
-  if args.json:
-    with open(args.json, 'w') as f:
+  if not (FLAGS.aot_tpu and FLAGS.aot_only):
+    state = None
+    if not FLAGS.eval_only:
+      state = time_train_step(jax, config, mesh, step, abstract_state,
+                              shardings, host, audio_vars, res)
+    if FLAGS.eval or FLAGS.eval_only:
+      time_eval_step(jax, config, mesh, model, vggish, state, host, audio_vars,
+                     res)
+    res['device_peak_bytes'] = device_peak_bytes(jax.local_devices())
+    res['rss_peak_bytes'] = rss_peak_bytes()
+    print(f'memory: device peak {fmt_bytes(res["device_peak_bytes"])}, '
+          f'process peak RSS {fmt_bytes(res["rss_peak_bytes"])}')
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
       json.dump(res, f, indent=2)
   return res
+
+
+def time_train_step(jax, config, mesh, step, abstract_state, shardings, host,
+                    audio_vars, res):
+  """Compiles and times the train step; fills `res`; returns the state."""
+  from avs_jax import runtime  # pylint: disable=g-import-not-at-top  # see main
+  gbs, ndev = res['global_batch'], res['devices']
+  data = runtime.batch_sharding(mesh)
+  step_fn = jax.jit(
+      step, in_shardings=(shardings, data, runtime.replicated(mesh)),
+      out_shardings=(shardings, runtime.replicated(mesh)), donate_argnums=(0,))
+  if config.audio.precompute:  # VGGish ran once per clip, outside the step
+    host = {k: v for k, v in host.items() if k != 'log_mel'}
+    host['audio'] = np.abs(np.random.default_rng(FLAGS.seed).standard_normal(
+        (gbs, FLAGS.frames, 128), np.float32))
+  batch = jax.block_until_ready(runtime.to_device(host, data))
+  t0 = time.perf_counter()
+  if FLAGS.init == 'model':
+    state = runtime.initial_state(config, step.keywords['model'],
+                                  step.keywords['optimizer'], shardings)
+  else:
+    state = runtime.place(host_state(abstract_state, FLAGS.seed), shardings)
+  jax.block_until_ready(state)
+  res['init_s'] = time.perf_counter() - t0
+  print(f'state init ({FLAGS.init}): {res["init_s"]:.1f} s')
+
+  t0 = time.perf_counter()
+  lowered = step_fn.lower(state, batch, audio_vars)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  res['lower_s'], res['compile_s'] = t1 - t0, t2 - t1
+  flops = flops_of(compiled)
+  res['flops_per_step_per_device'] = flops
+  res['flops_per_step'] = flops * ndev if flops else None
+  res['train_memory'] = memory_of(compiled)
+  print(f'train compile: lower {t1 - t0:.1f} s + compile {t2 - t1:.1f} s')
+
+  first, last = {}, [None]
+
+  def run_one():
+    nonlocal state
+    state, m = compiled(state, batch, audio_vars)
+    if not first:
+      first.update(jax.device_get(m))
+    last[0] = m
+    return m
+
+  times, pipelined, cpu = time_steps(run_one, FLAGS.steps, FLAGS.warmup,
+                                     jax.block_until_ready)
+  step_s = statistics.median(times)
+  res.update(step_times_s=times, step_s=step_s, pipelined_step_s=pipelined,
+             cpu_s_per_step=cpu,
+             clips_per_s=gbs / step_s, pipelined_clips_per_s=gbs / pipelined,
+             first_step_metrics={k: float(v) for k, v in first.items()},
+             last_step_metrics={k: float(v) for k, v in
+                                jax.device_get(last[0]).items()},
+             steps_run=FLAGS.warmup + 2 * FLAGS.steps)
+  report('train', res, flops, step_s, pipelined, gbs, ndev,
+         res['device_kind'], FLAGS.dtype, res['train_memory'], cpu)
+  print(f'  first step: loss {first["loss"]:.6f} grad_norm '
+        f'{first["grad_norm"]:.6f}; step {res["steps_run"]}: loss '
+        f'{res["last_step_metrics"]["loss"]:.6f}')
+  if FLAGS.profile:
+    with jax.profiler.trace(FLAGS.profile, create_perfetto_trace=True):
+      for _ in range(2):
+        jax.block_until_ready(run_one())
+    print(f'  profile of 2 steps: {FLAGS.profile}')
+  return state
+
+
+def time_eval_step(jax, config, mesh, model, vggish, state, host, audio_vars,
+                   res):
+  """Compiles and times the evaluation step (`evaluate.eval_step`)."""
+  # pylint: disable=g-import-not-at-top  # see main
+  from avs_jax import evaluate
+  from avs_jax import runtime
+  # pylint: enable=g-import-not-at-top
+  gbs, ndev = res['global_batch'], res['devices']
+  if state is not None:
+    variables = state.variables
+  else:
+    variables = jax.jit(lambda: runtime.init_variables(config, model),
+                        out_shardings=runtime.replicated(mesh))()
+  evaluator = evaluate.Evaluator(config, model, vggish, mesh, audio_vars)
+  batch = runtime.to_device(
+      {k: host[k] for k in ('frames', 'log_mel', 'masks', 'valid')},
+      evaluator.sharding)
+  t0 = time.perf_counter()
+  compiled = evaluator.step.lower(variables, audio_vars, batch).compile()
+  res['eval_compile_s'] = time.perf_counter() - t0
+  eflops = flops_of(compiled)
+  res['eval_flops_per_step'] = eflops * ndev if eflops else None
+  res['eval_memory'] = memory_of(compiled)
+  print(f'eval compile: {res["eval_compile_s"]:.1f} s')
+  times, pipelined, cpu = time_steps(
+      lambda: compiled(variables, audio_vars, batch), FLAGS.steps,
+      FLAGS.warmup, jax.block_until_ready)
+  es = statistics.median(times)
+  res.update(eval_step_times_s=times, eval_step_s=es, eval_cpu_s_per_step=cpu,
+             eval_pipelined_step_s=pipelined, eval_clips_per_s=gbs / es,
+             eval_pipelined_clips_per_s=gbs / pipelined)
+  report('eval', res, eflops, es, pipelined, gbs, ndev, res['device_kind'],
+         FLAGS.dtype, res['eval_memory'], cpu)
 
 
 def report(name, res, flops, step_s, pipelined, gbs, ndev, kind, dtype, mem,
@@ -547,7 +499,7 @@ def aot_tpu(topology, per_chip, step, abstract_state, shapes, vggish, fsdp):
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
-  from avs_jax import train
+  from avs_jax import runtime
   from jax.experimental import topologies
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
@@ -571,14 +523,14 @@ def aot_tpu(topology, per_chip, step, abstract_state, shapes, vggish, fsdp):
         (chips,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   rep = NamedSharding(mesh, P())
   dat = NamedSharding(mesh, P('data'))
-  shardings = train.state_shardings(abstract_state, mesh, fsdp)
+  shardings = runtime.state_shardings(abstract_state, mesh, fsdp)
   sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   state = jax.tree_util.tree_map(sds, abstract_state, shardings)
   frames, hw, setting = shapes
   host = random_batch(np.random.default_rng(0), 1, frames, hw, hw, setting)
   batch = {k: jax.ShapeDtypeStruct((out['global_batch'],) + v.shape[1:],
                                    v.dtype, sharding=dat)
-           for k, v in host.items() if k in train.NUMERIC_KEYS}
+           for k, v in host.items() if k in runtime.DEVICE_KEYS}
   audio = jax.tree_util.tree_map(
       lambda x: sds(x, rep),
       jax.eval_shape(lambda: vggish.init(jax.random.key(0),
@@ -613,15 +565,13 @@ def aot_tpu(topology, per_chip, step, abstract_state, shapes, vggish, fsdp):
   return out
 
 
-def scaling_study(args, argv):
+def scaling_study():
   """Runs this script per device count; prints weak scaling and same-result."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-  counts = [int(c) for c in args.scaling.split(',')]
-  pdb = args.per_device_batch or 1
+  counts = [int(c) for c in FLAGS.scaling.split(',')]
+  pdb = FLAGS.per_device_batch or 1
   fixed = pdb * max(counts)
   base, skip = [], False
-  for a in argv if argv is not None else sys.argv[1:]:
+  for a in sys.argv[1:]:
     if skip:
       skip = False
       continue
@@ -667,11 +617,11 @@ def scaling_study(args, argv):
   print(f'same global batch ({fixed} clips) over {counts} devices: largest '
         f'relative difference to 1 device: loss {worst:.2e}, first-step '
         f'grad norm {worst_g:.2e}')
-  if args.json:
-    with open(args.json, 'w') as f:
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
       json.dump([dict(r, mode=mode) for mode, _, r in rows], f, indent=2)
   return rows
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

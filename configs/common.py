@@ -81,5 +81,6 @@ def base_config():
       video='',                   # any video with sound
       restore='',                 # checkpoint dir (or .../STEP)
       out='',                     # default: WORKDIR/predict/<video name>
+      mask_size='video',          # mask PNGs at the 'video' size or the 'model' size
   ))
   return c

@@ -17,7 +17,7 @@ def run_bench(tmp_path, *args):
   env.pop('XLA_FLAGS', None)
   proc = subprocess.run(
       [sys.executable, BENCH, '--backbone', 'pvt_v2_b0', '--image_size', '32',
-       '--frames', '2', '--set', 'model.channels=16', '--steps', '1',
+       '--frames', '2', '--config.model.channels=16', '--steps', '1',
        '--warmup', '0', '--init', 'host', '--json', str(out), *args],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
       check=False)

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from avs_jax import convert
+from avs_jax import torch_weights
 from avs_jax import losses
 from avs_jax.models import build_model
 from golden_weights import rebuild_state_dict
@@ -43,7 +43,7 @@ def load(name):
   t, h, w = cfg['frames_per_clip'], cfg['height'], cfg['width']
   d['cfg'] = cfg
   d['mcfg'] = model_config(cfg)
-  d['variables'] = convert.torch_to_flax(
+  d['variables'] = torch_weights.torch_to_flax(
       rebuild_state_dict(d['state_dict_shapes']), d['mcfg'])
   # PyTorch [B*T, C, H, W] -> ours [B, T, H, W, C].
   d['x_frames'] = d['frames'].reshape(-1, t, 3, h, w).transpose(0, 1, 3, 4, 2)
@@ -98,8 +98,8 @@ def _train_grads(d, dtype):
 
   (loss, (aux, logits, state)), grads = jax.jit(
       jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
-  return (loss, aux, logits, convert.variables_to_torch({'params': grads}),
-          convert.variables_to_torch(state))
+  return (loss, aux, logits, torch_weights.variables_to_torch({'params': grads}),
+          torch_weights.variables_to_torch(state))
 
 
 @pytest.fixture(scope='module')

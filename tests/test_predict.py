@@ -2,6 +2,7 @@
 import os
 import subprocess
 
+import cv2
 import imageio_ffmpeg
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avs_jax import convert
+from avs_jax import checkpoint as ckpt_lib
 from avs_jax import predict
 from avs_jax.models import build_model
 from configs import synthetic
@@ -17,11 +18,12 @@ from configs import synthetic
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _video(path, seconds, audio=True, size='64x48', rate=10):
+def _video(path, seconds, audio=True, size='64x48', rate=10, audio_s=None):
   cmd = [FFMPEG, '-v', 'error', '-y', '-f', 'lavfi', '-i',
          f'testsrc=size={size}:rate={rate}']
   if audio:
-    cmd += ['-f', 'lavfi', '-i', 'sine=frequency=440:sample_rate=16000']
+    cmd += ['-f', 'lavfi', '-i', 'sine=frequency=440:sample_rate=16000' + (
+        f':duration={audio_s}' if audio_s else '')]
   cmd += ['-t', str(seconds), '-pix_fmt', 'yuv420p', '-c:v', 'libx264']
   if audio:
     cmd += ['-c:a', 'aac']
@@ -40,7 +42,7 @@ def setup(tmp_path_factory):
   variables = model.init(jax.random.key(0), jnp.zeros((1, 5, 32, 32, 3)),
                          jnp.zeros((1, 5, 128)))
   ckpt = str(tmp / 'ckpt')
-  convert.save_checkpoint(jax.device_get(variables), ckpt, step=3)
+  ckpt_lib.save_variables(jax.device_get(variables), ckpt, step=3)
   c.predict.restore = ckpt
   return c, tmp, model, variables
 
@@ -60,7 +62,7 @@ def test_predict_writes_masks_and_overlay_with_sound(setup):
   masks = sorted(os.listdir(os.path.join(out, 'masks')))
   assert masks == [f'clip_{s:04d}.png' for s in range(1, 8)]  # 7 s, 2 windows
   m = np.asarray(Image.open(os.path.join(out, 'masks', masks[0])))
-  assert m.shape == (32, 32) and set(np.unique(m)) <= {0, 255}
+  assert m.shape == (48, 64) and set(np.unique(m)) <= {0, 255}  # video size
   video = os.path.join(out, 'clip_overlay.mp4')
   gen = imageio_ffmpeg.read_frames(video)
   meta = next(gen)
@@ -70,6 +72,35 @@ def test_predict_writes_masks_and_overlay_with_sound(setup):
   assert len(samples) > 6 * 16000
   spectrum = np.abs(np.fft.rfft(samples[:16000]))
   assert abs(np.argmax(spectrum) - 440) <= 2  # 1 Hz bins over one second
+
+
+def test_overlay_is_the_whole_video_when_the_sound_is_shorter(setup):
+  c, tmp, _, _ = setup
+  c = c.copy_and_resolve_references()
+  c.predict.video = _video(str(tmp / 'long.mp4'), 10, rate=25, audio_s=5.3)
+  c.predict.out = str(tmp / 'long_out')
+  c.predict.mask_size = 'model'
+  out = predict.predict_video(c, str(tmp))
+  masks = sorted(os.listdir(os.path.join(out, 'masks')))
+  assert len(masks) == 10  # every second of video; audio padded by repetition
+  m = np.asarray(Image.open(os.path.join(out, 'masks', masks[0])))
+  assert m.shape == (32, 32)  # mask_size='model'
+  gen = imageio_ffmpeg.read_frames(os.path.join(out, 'long_overlay.mp4'))
+  meta = next(gen)
+  assert sum(1 for _ in gen) == 250  # not cut where the sound ends
+  assert meta['duration'] >= 9.9
+  samples = predict.read_audio(os.path.join(out, 'long_overlay.mp4'))
+  assert len(samples) >= 9.9 * 16000
+  assert np.abs(samples[int(8 * 16000):]).max() < 1e-3  # silence padded
+
+
+def test_bad_mask_size_is_refused(setup):
+  c, tmp, _, _ = setup
+  c = c.copy_and_resolve_references()
+  c.predict.video = _video(str(tmp / 'two.mp4'), 2)
+  c.predict.mask_size = 'huge'
+  with pytest.raises(predict.VideoError, match='mask_size'):
+    predict.predict_video(c, str(tmp))
 
 
 def test_masks_match_the_model_on_the_sampled_frames(setup):
@@ -82,12 +113,17 @@ def test_masks_match_the_model_on_the_sampled_frames(setup):
   gen, _ = predict._open(c.predict.video)  # pylint: disable=protected-access
   raw = list(gen)
   want = [raw[int(s * 10 + 15 / 16 * 10)] for s in range(5)]
-  resized = np.stack([np.asarray(Image.fromarray(f).resize((32, 32),
-                                                           Image.BILINEAR))
+  # OpenCV's bilinear without antialiasing, as the reference preprocessing.
+  resized = np.stack([cv2.resize(f, (32, 32), interpolation=cv2.INTER_LINEAR)
                       for f in want]) / 255.0
-  np.testing.assert_allclose(
-      frames * np.asarray([0.229, 0.224, 0.225]) + np.asarray(
-          [0.485, 0.456, 0.406]), resized, atol=1e-5)
+  got = frames * np.asarray([0.229, 0.224, 0.225]) + np.asarray(
+      [0.485, 0.456, 0.406])
+  np.testing.assert_allclose(got, resized, atol=1e-5)
+  # PIL's antialiasing filter gives other inputs: the check tells them apart.
+  pil = np.stack([np.asarray(Image.fromarray(f).resize((32, 32),
+                                                       Image.BILINEAR))
+                  for f in want]) / 255.0
+  assert np.abs(got - pil).max() > 0.05
 
 
 @pytest.mark.parametrize('kind', ['no_audio', 'unreadable', 'too_short',

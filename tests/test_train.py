@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,17 +26,16 @@ import jax
 import numpy as np
 import pytest
 
+import procs
 from avs_jax import checkpoint as ckpt_lib
-from avs_jax import convert
 from avs_jax import data as data_lib
-from avs_jax import demo
 from avs_jax import evaluate
+from avs_jax import runtime
+from avs_jax import torch_weights
 from avs_jax import train
-from avs_jax.models import build_model
-from avs_jax.models import build_vggish
 from configs import synthetic as synthetic_config
+from data_prep import synthetic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6          # 16 train clips / batch 4: 4 steps per epoch, val at 4, 6
 CKPT_EVERY = 2     # checkpoints at 2, 4, 6 (all kept: keep=3)
 TINY = {
@@ -54,7 +54,8 @@ TINY = {
     'train.eval_every_epochs': 1,
     'train.keep': 3,
 }
-SUBPROCESS_TIMEOUT = 1500  # a cold compilation cache on two busy cores
+SUBPROCESS_TIMEOUT = procs.TIMEOUT
+REPO = procs.REPO
 
 
 # ---------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def overrides(tmp_path_factory, jax_cache):
   o = dict(TINY)
   o['data.dir'] = str(base / 'tfds')
   o['data.synthetic.root'] = str(base / 'raw')
-  demo.ensure_synthetic_data(make_config(o))
+  synthetic.ensure_synthetic_data(make_config(o))
   yield o
   gc.collect()  # frees grain's shared-memory batches
 
@@ -102,66 +103,14 @@ def make_config(o, **extra):
   return c
 
 
-def run_flags(o):
-  return [f'--config.{k}={v}' for k, v in o.items()]
-
-
-def subprocess_env(cache, devices=None):
-  env = dict(os.environ)
-  flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  if devices:
-    flags.append(f'--xla_force_host_platform_device_count={devices}')
-  env.update(
-      XLA_FLAGS=' '.join(flags), JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
-      TF_CPP_MIN_LOG_LEVEL='2',
-      JAX_COMPILATION_CACHE_DIR=cache,
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
-      PYTHONPATH=os.pathsep.join([REPO] + [p for p in [
-          os.environ.get('PYTHONPATH')] if p]))
-  return env
-
-
-class Proc:
-  """A subprocess writing to a log file."""
-
-  def __init__(self, args, log, env):
-    self.log = log
-    self._f = open(log, 'w')
-    self.popen = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._f,
-                                  stderr=subprocess.STDOUT)
-
-  def wait(self, timeout=SUBPROCESS_TIMEOUT):
-    try:
-      rc = self.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-      self.popen.kill()
-      self.popen.wait()
-      raise
-    finally:
-      self._f.close()
-    return rc
-
-  def output(self):
-    with open(self.log) as f:
-      return f.read()
-
-  def tail(self, n=3000):
-    return self.output()[-n:]
-
-
 def run_py(workdir, o, log, cache):
-  return Proc([sys.executable, 'run.py', '--config=configs/synthetic.py',
-               f'--workdir={workdir}'] + run_flags(o), log,
-              subprocess_env(cache))
+  return procs.run_py(workdir, o, log, procs.env(cache))
 
 
 DEVICES_SCRIPT = r'''
 import json, os, sys
 import jax
-from avs_jax import train
-from avs_jax.models import build_model
+from avs_jax import runtime, train
 from configs import synthetic
 overrides, out, devices = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 assert jax.device_count() == devices, jax.devices()
@@ -172,10 +121,9 @@ for fsdp in (False, True):
   c.train.fsdp = fsdp
   c.train.num_steps = 2
   train.train_and_evaluate(c, os.path.join(out, f'fsdp{int(fsdp)}'))
-  model = build_model(c.model)
-  abstract = jax.eval_shape(
-      lambda: train.init_variables(c, model, c.data.image_size))
-  shardings = train.state_shardings(abstract, train.make_mesh(), fsdp)
+  model, _ = runtime.build(c)
+  abstract = jax.eval_shape(lambda: runtime.init_variables(c, model))
+  shardings = runtime.state_shardings(abstract, runtime.make_mesh(), fsdp)
   info[f'sharded_leaves_fsdp{int(fsdp)}'] = sum(
       'data' in s.spec for s in jax.tree_util.tree_leaves(shardings))
 with open(os.path.join(out, 'info.json'), 'w') as f:
@@ -192,9 +140,10 @@ def launched(overrides, jax_cache, tmp_path_factory):
   os.makedirs(d4)
   procs = {
       'A': run_py(a, overrides, str(base / 'A.log'), jax_cache),
-      'D4': Proc([sys.executable, '-c', DEVICES_SCRIPT, json.dumps(overrides),
-                  d4, '4'], str(base / 'devices4.log'),
-                 subprocess_env(jax_cache, devices=4)),
+      'D4': procs.Proc([sys.executable, '-c', DEVICES_SCRIPT,
+                        json.dumps(overrides), d4, '4'],
+                       str(base / 'devices4.log'),
+                       procs.env(jax_cache, devices=4)),
   }
   yield dict(base=base, A=a, D4=d4, procs=procs)
   for p in procs.values():
@@ -393,6 +342,8 @@ def test_preempted_run_resumes_to_the_same_result(run_a, run_b):
   # The steps after the restart see the same batches and state as A's.
   la, lb = losses_by_step(run_a), losses_by_step(b)
   assert sorted(lb) == list(range(1, STEPS + 1))
+  # The re-run steps are logged once (metrics.jsonl is cut at the resume).
+  assert len([r for r in metrics_rows(b) if 'loss' in r]) == STEPS
   for step in range(1, STEPS + 1):
     for k in ('loss', 'bce', 'avm', 'grad_norm'):
       np.testing.assert_allclose(lb[step][k], la[step][k], rtol=1e-6,
@@ -462,49 +413,6 @@ def test_eval_audio_modes(run_a, overrides, audio, tmp_path):
       np.testing.assert_allclose(res[k], report[k], rtol=1e-6)
 
 
-def _log_mel(b, seed=0):
-  return np.random.default_rng(seed).normal(size=(b, 5, 96, 64)).astype(
-      np.float32)
-
-
-def test_break_audio_true_and_silent():
-  x = _log_mel(3)
-  valid = np.array([True, True, False])
-  assert evaluate.break_audio(x, valid, 'true') is x
-  s = evaluate.break_audio(x, valid, 'silent')
-  assert s.shape == x.shape and s.dtype == x.dtype
-  np.testing.assert_array_equal(s, np.full_like(x, np.log(0.01)))
-  np.testing.assert_allclose(evaluate.SILENT_LOG_MEL, np.log(0.01))
-  with pytest.raises(ValueError, match='eval.audio'):
-    evaluate.break_audio(x, valid, 'reversed')
-
-
-def test_break_audio_shuffled_permutes_valid_clips_only():
-  x = _log_mel(5)
-  before = x.copy()
-  valid = np.array([True, False, True, True, False])
-  out = evaluate.break_audio(x, valid, 'shuffled')
-  np.testing.assert_array_equal(x, before)  # input untouched
-  # Valid clips get each other's audio (a derangement: never their own).
-  src = [int(np.flatnonzero([(out[i] == x[j]).all() for j in range(5)])[0])
-         for i in range(5)]
-  assert sorted(src[i] for i in (0, 2, 3)) == [0, 2, 3]
-  assert all(src[i] != i for i in (0, 2, 3))
-  # Padding keeps its own (ignored) audio.
-  np.testing.assert_array_equal(out[[1, 4]], x[[1, 4]])
-
-
-def test_break_audio_single_valid_clip_borrows_previous_batch():
-  x = _log_mel(2)
-  valid = np.array([True, False])
-  previous = _log_mel(3, seed=1)
-  out = evaluate.break_audio(x, valid, 'shuffled', previous)
-  np.testing.assert_array_equal(out[0], previous[0])
-  np.testing.assert_array_equal(out[1], x[1])
-  # With no previous batch there is nothing to swap with.
-  np.testing.assert_array_equal(evaluate.break_audio(x, valid, 'shuffled'), x)
-
-
 # ---------------------------------------------------------------------------
 # 4. A converted PyTorch checkpoint.
 
@@ -512,16 +420,15 @@ def test_break_audio_single_valid_clip_borrows_previous_batch():
 def test_converted_torch_checkpoint_restores_and_evaluates(overrides, tmp_path,
                                                            jax_cache):
   config = make_config(overrides, seed=7)
-  model = build_model(config.model)
-  variables = jax.device_get(train.init_variables(
-      config, model, config.data.image_size))
+  model, vggish = runtime.build(config)
+  variables = jax.device_get(runtime.init_variables(config, model))
   rng = np.random.default_rng(0)
   variables = jax.tree_util.tree_map(np.asarray, variables)
   # Non-trivial BatchNorm statistics, so that their conversion shows.
   variables['batch_stats'] = jax.tree_util.tree_map(
       lambda x: (rng.uniform(0.5, 1.5, x.shape) if x.ndim else x).astype(
           np.float32), variables['batch_stats'])
-  sd = convert.flax_to_torch(variables, config.model)
+  sd = torch_weights.flax_to_torch(variables, config.model)
   src = str(tmp_path / 'avs_random.npz')
   np.savez(src, **sd)
   cfg_file = tmp_path / 'tiny_config.py'
@@ -534,13 +441,15 @@ def test_converted_torch_checkpoint_restores_and_evaluates(overrides, tmp_path,
       '  return c\n')
   out = str(tmp_path / 'converted')
   p = subprocess.run(
-      [sys.executable, '-m', 'avs_jax.convert', '--src', src, '--config',
-       str(cfg_file), '--out', out], cwd=REPO, env=subprocess_env(jax_cache),
+      [sys.executable, '-m', 'avs_jax.convert', f'--src={src}',
+       f'--config={cfg_file}', f'--out={out}'], cwd=REPO,
+      env=procs.env(jax_cache),
       capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
   assert p.returncode == 0, p.stdout + p.stderr
 
   restored, step = ckpt_lib.load_state(out)
-  expected = convert.torch_to_flax(convert.load_state_dict(src), config.model)
+  expected = torch_weights.torch_to_flax(torch_weights.load_state_dict(src),
+                                         config.model)
   assert_trees_close(restored['params'], expected['params'], 0, 0, 'params')
   assert_trees_close(restored['batch_stats'], expected['batch_stats'], 0, 0,
                      'batch_stats')
@@ -550,11 +459,10 @@ def test_converted_torch_checkpoint_restores_and_evaluates(overrides, tmp_path,
   # `--mode eval` restores it: the same numbers as the variables themselves.
   res = evaluate_path(config, str(tmp_path / 'eval'), out)
   assert res['checkpoint_step'] == step
-  mesh = train.make_mesh()
-  evaluator = evaluate.Evaluator(config, model, build_vggish(), mesh)
-  direct = evaluator.run(evaluate.EvalState(variables['params'],
-                                            variables['batch_stats']),
-                         'ms3', 'test')
+  mesh = runtime.make_mesh()
+  evaluator = evaluate.Evaluator(config, model, vggish, mesh,
+                                 runtime.audio_variables(config, vggish, mesh))
+  direct = evaluator.run(variables, 'ms3', 'test')
   for k in ('miou', 'fscore', 'miou_per_frame', 'fscore_per_frame',
             'num_clips'):
     np.testing.assert_allclose(res[k], direct[k], rtol=1e-6, err_msg=k)
@@ -570,7 +478,7 @@ def test_nan_loss_stops_with_the_step_and_no_bad_checkpoint(run_a, overrides,
   params = jax.tree_util.tree_map(np.array, state['params'])
   leaf = jax.tree_util.tree_leaves(params)[0]
   leaf.flat[0] = np.nan
-  bad = convert.save_checkpoint(
+  bad = ckpt_lib.save_variables(
       {'params': params, 'batch_stats': state['batch_stats']},
       str(tmp_path / 'nan_init'))
   # The loss is NaN from step 1; it is checked one step late (log_every is
@@ -589,10 +497,12 @@ def test_nan_loss_stops_with_the_step_and_no_bad_checkpoint(run_a, overrides,
 
 
 @pytest.mark.parametrize('value', [np.nan, np.inf, -np.inf])
-def test_check_finite_names_the_step(value):
+def test_check_finite_names_the_first_bad_step(value):
   with pytest.raises(FloatingPointError, match=r'at step 17\b'):
-    train._check_finite(17, {'loss': np.float32(value)})  # pylint: disable=protected-access
-  train._check_finite(17, {'loss': np.float32(0.5)})  # pylint: disable=protected-access
+    train.check_finite(17, [np.float32(value)])
+  with pytest.raises(FloatingPointError, match=r'at step 19\b'):
+    train.check_finite(17, np.float32([0.5, 0.4, value, np.nan]))
+  train.check_finite(17, [np.float32(0.5), np.float32(0.4)])
 
 
 # ---------------------------------------------------------------------------
@@ -602,9 +512,8 @@ def test_check_finite_names_the_step(value):
 def test_precomputed_audio_gives_the_same_step(overrides):
   config = make_config(overrides)
   dc = config.data
-  model = build_model(config.model)
-  vggish = build_vggish()
-  audio_vars = train.load_audio_variables(config, vggish)
+  model, vggish = runtime.build(config)
+  audio_vars = runtime.audio_variables(config, vggish, runtime.make_mesh())
   table = train.embedding_table(config, vggish, audio_vars)
   assert len(table) == data_lib.num_examples(dc.dir, dc.setting, 'train')
   assert all(e.shape == (5, 128) for e in table.values())
@@ -614,15 +523,11 @@ def test_precomputed_audio_gives_the_same_step(overrides):
   fast = train.with_audio(batch, table)
   assert 'log_mel' not in fast and fast['audio'].shape == (4, 5, 128)
   optimizer, _ = train.make_optimizer(config.train, 10)
-  variables = train.init_variables(config, model, dc.image_size)
-  state = train.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
-                           params=variables['params'],
-                           batch_stats=variables['batch_stats'],
-                           opt_state=optimizer.init(variables['params']))
+  state = runtime.new_state(runtime.init_variables(config, model), optimizer)
   step = jax.jit(lambda s, b: train.train_step(
       s, b, audio_vars, model=model, vggish=vggish, optimizer=optimizer,
       config=config))
-  keep = lambda b: {k: v for k, v in b.items() if k in train.NUMERIC_KEYS}
+  keep = lambda b: {k: v for k, v in b.items() if k in runtime.DEVICE_KEYS}
   s1, m1 = step(state, keep(batch))
   s2, m2 = step(state, keep(fast))
   for k in m1:
@@ -633,34 +538,84 @@ def test_precomputed_audio_gives_the_same_step(overrides):
   assert not np.allclose(table[ids[0]], table[ids[1]])
 
 
-def test_synthetic_data_made_with_other_parameters_is_not_reused(overrides):
+# ---------------------------------------------------------------------------
+# Nothing lost: damaged checkpoints, diverged runs.
+
+
+def damage(step_dir, kind):
+  """Damages a checkpoint as a crash or a disk might."""
+  if kind == 'truncated':
+    files = [os.path.join(d, f) for d, _, fs in os.walk(
+        os.path.join(step_dir, 'state')) for f in fs]
+    big = max(files, key=os.path.getsize)
+    with open(big, 'r+b') as f:
+      f.truncate(os.path.getsize(big) // 2)
+  elif kind == 'no_metadata':
+    os.remove(os.path.join(step_dir, 'state', '_METADATA'))
+  else:  # the grain iterator state
+    data = os.path.join(step_dir, 'data')
+    for f in os.listdir(data):
+      os.remove(os.path.join(data, f))
+
+
+def copy_run(src, dst, steps):
+  """A workdir holding `src`'s checkpoints `steps` and its metrics."""
+  os.makedirs(os.path.join(dst, 'checkpoints'))
+  for s in steps:
+    shutil.copytree(os.path.join(src, 'checkpoints', str(s)),
+                    os.path.join(dst, 'checkpoints', str(s)))
+  shutil.copy(os.path.join(src, 'metrics.jsonl'), dst)
+  return dst
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'no_metadata', 'no_data_state'])
+def test_damaged_latest_checkpoint_is_set_aside(run_a, overrides, tmp_path,
+                                                kind, capfd):
+  work = copy_run(run_a, str(tmp_path / 'work'), [2, 4])
+  damage(os.path.join(work, 'checkpoints', '4'), kind)
+  # --mode=eval names the damaged checkpoint.
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'checkpoints/4\b'):
+    ckpt_lib.load_state(os.path.join(work, 'checkpoints', '4'))
+  # Training resumes from the newest intact one, with one warning.
   config = make_config(overrides)
-  record = os.path.join(config.data.dir, 'synthetic.json')
-  before = os.path.getmtime(record)
-  demo.ensure_synthetic_data(config)  # same parameters: reused as is
-  assert os.path.getmtime(record) == before
-  other = make_config(overrides, data__synthetic__clips=30)
-  with pytest.raises(demo.SyntheticDataError, match=re.escape(
-      config.data.dir)) as e:
-    demo.ensure_synthetic_data(other)
-  assert "'clips': 24" in str(e.value) and "'clips': 30" in str(e.value)
-  s4 = make_config(overrides, data__setting='s4')
-  with pytest.raises(demo.SyntheticDataError, match='setting'):
-    demo.ensure_synthetic_data(s4)
+  mesh = runtime.make_mesh()
+  model, _ = runtime.build(config)
+  optimizer, _ = train.make_optimizer(config.train, STEPS)
+  mngr = ckpt_lib.manager(os.path.join(work, 'checkpoints'))
+  _, state, start = train._data_and_state(config, mngr, model, optimizer, mesh)  # pylint: disable=protected-access
+  mngr.close()
+  assert start == 2 and int(state.step) == 2
+  err = capfd.readouterr().err
+  assert 'checkpoint step 4' in err and 'damaged' in err, err
+  assert err.count('warning:') == 1
+  assert sorted(os.listdir(os.path.join(work, 'checkpoints'))) == [
+      '2', '4.damaged']  # set aside, not deleted
 
 
-def test_overlay_tints_the_mask_and_outlines_it():
-  frame = np.full((6, 6, 3), 100, np.uint8)
-  mask = np.zeros((6, 6), bool)
-  mask[1:5, 1:5] = True
-  out = evaluate.overlay(frame, mask)
-  np.testing.assert_array_equal(out[~mask], frame[~mask])  # outside: as is
-  edge = mask.copy()
-  edge[2:4, 2:4] = False
-  assert (out[edge] == 255).all()  # white outline
-  np.testing.assert_array_equal(out[2:4, 2:4].reshape(-1, 3),
-                                [[177, 70, 70]] * 4)  # half grey, half red
-  # On an object of the tint's colour the outline still shows.
-  red = np.zeros_like(frame)
-  red[...] = (255, 40, 40)
-  assert (evaluate.overlay(red, mask)[edge] != red[edge]).any(axis=-1).all()
+def test_resume_after_damage_ends_like_the_uninterrupted_run(run_a, overrides,
+                                                             tmp_path):
+  work = copy_run(run_a, str(tmp_path / 'work'), [2, 4])
+  damage(os.path.join(work, 'checkpoints', '4'), 'truncated')
+  res = train.train_and_evaluate(make_config(overrides), work)
+  la, lw = losses_by_step(run_a), losses_by_step(work)
+  rows = [r for r in metrics_rows(work) if 'loss' in r]
+  assert len(rows) == STEPS, 'steps logged twice after the resume'
+  for step in range(1, STEPS + 1):
+    np.testing.assert_allclose(lw[step]['loss'], la[step]['loss'], rtol=1e-6)
+  ref = read_json(os.path.join(run_a, 'eval_test.json'))
+  np.testing.assert_allclose(res['miou'], ref['miou'], rtol=1e-6)
+
+
+def test_diverged_run_keeps_only_finite_checkpoints(overrides, tmp_path):
+  work = str(tmp_path / 'work')
+  config = make_config(overrides, train__lr=1e6, train__checkpoint_every=1)
+  with pytest.raises(FloatingPointError, match=r'step \d+'):
+    train.train_and_evaluate(config, work)
+  ckpts = os.path.join(work, 'checkpoints')
+  for step in (ckpt_steps(work) if os.path.isdir(ckpts) else []):
+    restored, _ = ckpt_lib.load_state(os.path.join(ckpts, str(step)))
+    assert all(np.isfinite(x).all() for x in
+               jax.tree_util.tree_leaves(restored['params'])), step
+  # The same workdir with a sane learning rate resumes and finishes.
+  res = train.train_and_evaluate(make_config(overrides), work)
+  assert np.isfinite(res['miou'])

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from avs_jax.convert import vggish_torch_to_flax
+from avs_jax.torch_weights import vggish_torch_to_flax
 from avs_jax.models import build_vggish
 from golden_weights import rebuild_state_dict
 

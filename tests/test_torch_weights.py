@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from avs_jax import convert
-from avs_jax.convert import ConversionError
+from avs_jax import torch_weights
+from avs_jax.torch_weights import ConversionError
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'data', 'golden')
 C = 32  # decoder channels of the small configs
@@ -70,15 +70,15 @@ def assert_trees_equal(a, b):
 @pytest.fixture(scope='module')
 def resnet():
   cfg = config('resnet50')
-  variables = random_variables(convert.model_shapes(cfg), seed=1)
-  return cfg, variables, convert.flax_to_torch(variables, cfg)
+  variables = random_variables(torch_weights.model_shapes(cfg), seed=1)
+  return cfg, variables, torch_weights.flax_to_torch(variables, cfg)
 
 
 @pytest.fixture(scope='module')
 def pvt():
   cfg = config('pvt_v2_b0')
-  variables = random_variables(convert.model_shapes(cfg), seed=2)
-  return cfg, variables, convert.flax_to_torch(variables, cfg)
+  variables = random_variables(torch_weights.model_shapes(cfg), seed=2)
+  return cfg, variables, torch_weights.flax_to_torch(variables, cfg)
 
 
 # --------------------------------------------------------------------------
@@ -89,10 +89,10 @@ def pvt():
 def test_round_trip(which, request):
   cfg, variables, sd = request.getfixturevalue(which)
   assert set(variables) == {'params', 'batch_stats'}
-  assert_trees_equal(convert.torch_to_flax(sd, cfg), variables)
+  assert_trees_equal(torch_weights.torch_to_flax(sd, cfg), variables)
   # ... also from torch tensors, as `torch.load` gives them.
   sd_t = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
-  assert_trees_equal(convert.torch_to_flax(sd_t, cfg), variables)
+  assert_trees_equal(torch_weights.torch_to_flax(sd_t, cfg), variables)
 
 
 def test_resnet_torch_layout(resnet):
@@ -223,8 +223,8 @@ def test_pvt_torch_layout(pvt):
 def test_round_trip_other_tpavi_modes(mode):
   cfg = config('pvt_v2_b0', tpavi_mode=mode, tpavi_vv=True,
                tpavi_stages=(2, 3))
-  variables = random_variables(convert.model_shapes(cfg), seed=3)
-  sd = convert.flax_to_torch(variables, cfg)
+  variables = random_variables(torch_weights.model_shapes(cfg), seed=3)
+  sd = torch_weights.flax_to_torch(variables, cfg)
   keys = {k.split('.', 1)[1] for k in sd if k.startswith('tpavi_b3.')}
   assert not any(k.startswith(('tpavi_b1.', 'tpavi_b2.')) for k in sd)
   if mode == 'concatenate':
@@ -234,7 +234,7 @@ def test_round_trip_other_tpavi_modes(mode):
     assert {'theta.weight', 'phi.weight'} <= keys
   else:  # gaussian: no theta / phi at all
     assert not any(k.startswith(('theta.', 'phi.', 'W_f.')) for k in keys)
-  assert_trees_equal(convert.torch_to_flax(sd, cfg), variables)
+  assert_trees_equal(torch_weights.torch_to_flax(sd, cfg), variables)
 
 
 # --------------------------------------------------------------------------
@@ -260,8 +260,8 @@ def zero_view(shape, dtype=np.float32):
                                   'avs_pvt_v2_b5_224.npz'])
 def test_keys_and_shapes_equal_reference(name):
   cfg, golden = golden_config(name)
-  shapes = convert.model_shapes(cfg)                   # no materialisation
-  sd = convert.flax_to_torch(
+  shapes = torch_weights.model_shapes(cfg)                   # no materialisation
+  sd = torch_weights.flax_to_torch(
       unflatten({p: zero_view(s.shape) for p, s in shapes.items()}), cfg)
   ours = {k: tuple(v.shape) for k, v in sd.items()}
   if not any(k.endswith('num_batches_tracked') for k in golden):
@@ -276,7 +276,7 @@ def test_keys_and_shapes_equal_reference(name):
   # ... and the converter takes exactly the reference's key set (dropping
   # the unused layer3_2 / layer4_2 branch).
   ref_sd = {k: zero_view(s) for k, s in golden.items()}
-  flat = flatten(convert.torch_to_flax(ref_sd, cfg))
+  flat = flatten(torch_weights.torch_to_flax(ref_sd, cfg))
   assert {p: np.shape(v) for p, v in flat.items()} == {
       p: s.shape for p, s in shapes.items()}
 
@@ -288,7 +288,7 @@ def test_keys_and_shapes_equal_reference(name):
 def test_module_prefix(pvt):
   cfg, variables, sd = pvt
   prefixed = {'module.' + k: v for k, v in sd.items()}
-  assert_trees_equal(convert.torch_to_flax(prefixed, cfg), variables)
+  assert_trees_equal(torch_weights.torch_to_flax(prefixed, cfg), variables)
 
 
 @pytest.mark.parametrize('wrapper', ['state_dict', 'model'])
@@ -298,9 +298,9 @@ def test_wrapped_state_dict_file(pvt, tmp_path, wrapper):
   torch.save({wrapper: {'module.' + k: torch.from_numpy(np.array(v))
                         for k, v in sd.items()},
               'epoch': 3}, path)
-  loaded = convert.load_state_dict(path)
+  loaded = torch_weights.load_state_dict(path)
   assert set(loaded) == {'module.' + k for k in sd}
-  assert_trees_equal(convert.torch_to_flax(loaded, cfg), variables)
+  assert_trees_equal(torch_weights.torch_to_flax(loaded, cfg), variables)
 
 
 def test_missing_key_raises(pvt):
@@ -309,7 +309,7 @@ def test_missing_key_raises(pvt):
   del sd['tpavi_b3.theta.weight']
   del sd['encoder_backbone.block2.1.norm1.bias']
   with pytest.raises(ConversionError) as e:
-    convert.torch_to_flax(sd, cfg)
+    torch_weights.torch_to_flax(sd, cfg)
   assert 'tpavi_b3.theta.weight' in str(e.value)
   assert 'encoder_backbone.block2.1.norm1.bias' in str(e.value)
   assert 'missing' in str(e.value)
@@ -321,14 +321,14 @@ def test_missing_running_stat_raises(resnet):
   del sd['resnet.layer2.3.bn2.running_var']
   with pytest.raises(ConversionError, match=re.escape(
       'resnet.layer2.3.bn2.running_var')):
-    convert.torch_to_flax(sd, cfg)
+    torch_weights.torch_to_flax(sd, cfg)
 
 
 def test_unexpected_key_raises(pvt):
   cfg, _, sd = pvt
   sd = dict(sd, **{'tpavi_b1.extra.weight': np.zeros((3, 3), np.float32)})
   with pytest.raises(ConversionError, match='unexpected') as e:
-    convert.torch_to_flax(sd, cfg)
+    torch_weights.torch_to_flax(sd, cfg)
   assert 'tpavi_b1.extra.weight' in str(e.value)
 
 
@@ -337,7 +337,7 @@ def test_wrong_shape_raises(pvt):
   sd = dict(sd)
   sd['conv2.conv2d_list.1.weight'] = np.zeros((C, 63, 3, 3), np.float32)
   with pytest.raises(ConversionError) as e:
-    convert.torch_to_flax(sd, cfg)
+    torch_weights.torch_to_flax(sd, cfg)
   assert 'conv2.conv2d_list.1.weight' in str(e.value)
 
 
@@ -345,13 +345,13 @@ def test_wrong_backbone_raises(resnet, pvt):
   cfg_r, _, sd_r = resnet
   cfg_p, _, _ = pvt
   with pytest.raises(ConversionError):
-    convert.torch_to_flax(sd_r, cfg_p)
+    torch_weights.torch_to_flax(sd_r, cfg_p)
 
 
 def test_unrecognised_checkpoint_raises():
   sd = {'backbone.stem.weight': np.zeros((4, 3, 3, 3), np.float32)}
   with pytest.raises(ConversionError, match='unrecognised') as e:
-    convert.torch_to_flax(sd, config('pvt_v2_b0'))
+    torch_weights.torch_to_flax(sd, config('pvt_v2_b0'))
   assert 'backbone.stem.weight' in str(e.value)
 
 
@@ -380,13 +380,13 @@ def test_torchvision_resnet50(resnet):
   assert {'conv1.weight', 'bn1.running_mean', 'layer3.5.bn3.weight',
           'layer4.0.downsample.0.weight', 'fc.bias'} <= set(tv)
   assert not any('_' in k.split('.')[0] for k in tv)
-  enc = convert.torch_to_flax(tv, cfg)
+  enc = torch_weights.torch_to_flax(tv, cfg)
   assert {c: set(t) for c, t in enc.items()} == {'params': {'resnet'},
                                                  'batch_stats': {'resnet'}}
   assert_trees_equal(enc, {c: {'resnet': variables[c]['resnet']}
                            for c in ('params', 'batch_stats')})
-  base = random_variables(convert.model_shapes(cfg), seed=7)
-  merged = convert.merge_variables(base, enc)
+  base = random_variables(torch_weights.model_shapes(cfg), seed=7)
+  merged = torch_weights.merge_variables(base, enc)
   fm, fb, fv = flatten(merged), flatten(base), flatten(variables)
   assert set(fm) == set(fb)
   for path in fm:
@@ -400,30 +400,30 @@ def test_pvt_v2_backbone(pvt):
         if k.startswith('encoder_backbone.')}
   pv['head.weight'] = np.ones((1000, 256), np.float32)
   pv['head.bias'] = np.ones((1000,), np.float32)
-  enc = convert.torch_to_flax(pv, cfg)
+  enc = torch_weights.torch_to_flax(pv, cfg)
   assert set(enc) == {'params'}
   assert set(enc['params']) == {'encoder_backbone'}
   assert_trees_equal(enc['params']['encoder_backbone'],
                      variables['params']['encoder_backbone'])
-  base = random_variables(convert.model_shapes(cfg), seed=8)
-  merged = convert.merge_variables(base, enc)
+  base = random_variables(torch_weights.model_shapes(cfg), seed=8)
+  merged = torch_weights.merge_variables(base, enc)
   fm, fb, fv = flatten(merged), flatten(base), flatten(variables)
   for path in fm:
     want = fv[path] if path[1] == 'encoder_backbone' else fb[path]
     assert_equal(fm[path], want, '/'.join(path))
   # A PVT checkpoint does not fit a ResNet model, nor a ResNet one a PVT.
   with pytest.raises(ConversionError):
-    convert.torch_to_flax(pv, config('resnet50'))
+    torch_weights.torch_to_flax(pv, config('resnet50'))
 
 
 def test_merge_variables_checks(pvt):
   _, variables, _ = pvt
   with pytest.raises(ConversionError, match='not in the model'):
-    convert.merge_variables(variables, {'params': {'nope': {'kernel':
+    torch_weights.merge_variables(variables, {'params': {'nope': {'kernel':
                                                             np.zeros(1)}}})
   bad = {'params': {'conv1': {'conv2d_list_0': {'bias': np.zeros(C + 1)}}}}
   with pytest.raises(ConversionError, match='conv2d_list_0'):
-    convert.merge_variables(variables, bad)
+    torch_weights.merge_variables(variables, bad)
 
 
 # --------------------------------------------------------------------------
@@ -483,19 +483,19 @@ def check_loaded(loaded, sd):
 def test_load_torch_file(tmp_path, small_sd, ext):
   path = str(tmp_path / f'w{ext}')
   torch.save({k: torch.from_numpy(v) for k, v in small_sd.items()}, path)
-  check_loaded(convert.load_state_dict(path), small_sd)
+  check_loaded(torch_weights.load_state_dict(path), small_sd)
 
 
 def test_load_npz(tmp_path, small_sd):
   path = str(tmp_path / 'w.npz')
   np.savez(path, **small_sd)
-  check_loaded(convert.load_state_dict(path), small_sd)
+  check_loaded(torch_weights.load_state_dict(path), small_sd)
 
 
 def test_load_safetensors(tmp_path, small_sd):
   path = str(tmp_path / 'w.safetensors')
   write_safetensors(path, small_sd)
-  check_loaded(convert.load_state_dict(path), small_sd)
+  check_loaded(torch_weights.load_state_dict(path), small_sd)
 
 
 def test_load_safetensors_bf16(tmp_path, small_sd):
@@ -505,7 +505,7 @@ def test_load_safetensors_bf16(tmp_path, small_sd):
   sd = dict(small_sd, **{'b.0.weight': as_bf16})
   path = str(tmp_path / 'w.safetensors')
   write_safetensors(path, sd, bf16=('b.0.weight',))
-  loaded = convert.load_state_dict(path)
+  loaded = torch_weights.load_state_dict(path)
   assert loaded['b.0.weight'].dtype == np.float32
   np.testing.assert_array_equal(loaded['b.0.weight'], as_bf16)
   check_loaded(loaded, sd)
@@ -520,15 +520,15 @@ def test_same_model_from_every_format(tmp_path, pvt):
   np.savez(paths['.npz'], **sd)
   write_safetensors(paths['.safetensors'], sd)
   for ext, path in paths.items():
-    loaded = convert.load_state_dict(path)
+    loaded = torch_weights.load_state_dict(path)
     assert set(loaded) == set(sd), ext
-    assert_trees_equal(convert.torch_to_flax(loaded, cfg), variables)
+    assert_trees_equal(torch_weights.torch_to_flax(loaded, cfg), variables)
 
 
 def test_missing_file_raises(tmp_path):
   path = str(tmp_path / 'nope.pth')
   with pytest.raises(FileNotFoundError, match='nope.pth'):
-    convert.load_state_dict(path)
+    torch_weights.load_state_dict(path)
 
 
 # --------------------------------------------------------------------------
@@ -547,7 +547,7 @@ def vggish():
 
 def test_vggish_round_trip(vggish):
   assert set(vggish) == {'params', 'pca'}
-  sd = convert.vggish_flax_to_torch(vggish)
+  sd = torch_weights.vggish_flax_to_torch(vggish)
   assert sd['features.0.weight'].shape == (64, 1, 3, 3)
   assert sd['features.13.weight'].shape == (512, 512, 3, 3)
   assert sd['embeddings.0.weight'].shape == (4096, 12288)
@@ -559,22 +559,22 @@ def test_vggish_round_trip(vggish):
   np.testing.assert_array_equal(sd['pca_eigen_vectors'],
                                 vggish['pca']['eigen_vectors'])
   # PCA inside the same dict (torchvggish's hub file) ...
-  assert_trees_equal(convert.vggish_torch_to_flax(sd), vggish)
+  assert_trees_equal(torch_weights.vggish_torch_to_flax(sd), vggish)
   # ... or as a separate file with the Postprocessor's `pproc.` names.
   net = {k: v for k, v in sd.items() if not k.startswith('pca_')}
   pca = {'pproc.' + k: v for k, v in sd.items() if k.startswith('pca_')}
-  assert_trees_equal(convert.vggish_torch_to_flax(net, pca), vggish)
-  assert_trees_equal(convert.vggish_torch_to_flax(net),
+  assert_trees_equal(torch_weights.vggish_torch_to_flax(net, pca), vggish)
+  assert_trees_equal(torch_weights.vggish_torch_to_flax(net),
                      {'params': vggish['params']})
 
 
 def test_vggish_errors(vggish):
-  sd = convert.vggish_flax_to_torch({'params': vggish['params']})
+  sd = torch_weights.vggish_flax_to_torch({'params': vggish['params']})
   with pytest.raises(ConversionError, match='pca_means'):
-    convert.vggish_torch_to_flax(sd, {'pca_eigen_vectors': np.eye(128)})
+    torch_weights.vggish_torch_to_flax(sd, {'pca_eigen_vectors': np.eye(128)})
   with pytest.raises(ConversionError, match='eigen_vectors'):
-    convert.vggish_torch_to_flax(sd, {'pca_eigen_vectors': np.eye(64),
+    torch_weights.vggish_torch_to_flax(sd, {'pca_eigen_vectors': np.eye(64),
                                       'pca_means': np.zeros(128)})
   del sd['features.3.bias']
   with pytest.raises(ConversionError, match=re.escape('features.3.bias')):
-    convert.vggish_torch_to_flax(sd)
+    torch_weights.vggish_torch_to_flax(sd)
