@@ -321,3 +321,138 @@ def avs_loss(outputs: Mapping[str, Any], masks: Array, *, setting: str,
     avm = jnp.zeros((), jnp.float32)
   loss = bce + avm_weight * avm
   return loss, {'bce': bce, 'avm': avm}
+
+
+# ----------------------------------------------------------------------------
+# AVSS (AVSBench-semantic): the reference's `avs_scripts/avss/loss.py`.
+#
+# Layout: ``logits`` [B, T, H, W, K] (K classes, 0 = background), ``labels``
+# [B, T, H, W] int class indices, ``gt_mask`` [B, T]: 1 for annotated frames
+# (reference ``gt_temporal_mask_flag``: v1s clips only their first frame, v1m
+# their 5 frames, v2 all 10; padded frames 0). Frame-level terms are weighted
+# means ``sum(l * gt_mask) / sum(gt_mask)`` as the reference (0 here when the
+# mask is all zero, where the reference divides by zero).
+
+
+def _masked_frame_mean(per_frame: Array, gt_mask: Array) -> Array:
+  wgt = jnp.broadcast_to(gt_mask.astype(jnp.float32), per_frame.shape)
+  total = wgt.sum()
+  return jnp.where(total > 0,
+                   (wgt * per_frame).sum() / jnp.where(total > 0, total, 1.0),
+                   0.0)
+
+
+def avss_ce_loss(logits: Array, labels: Array, gt_mask: Array) -> Array:
+  """Reference ``F10_IoU_BCELoss``: per-frame mean pixel cross-entropy,
+  weighted by ``gt_mask``. logits [B, T, H, W, K], labels [B, T, H, W]."""
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32),
+                             axis=-1)[..., 0]
+  return _masked_frame_mean(nll.mean(axis=(-2, -1)), gt_mask)
+
+
+def avss_avm_stage(fg: Array, v_map: Array, a_fea: Array, gt_mask: Array, *,
+                   loss: str = 'kl', norm: bool = False,
+                   threshold: bool = False, pooling: str = 'avg',
+                   closer: bool = False) -> Array:
+  """One stage of the AVSS AVM loss (``A_MaskedV_SimmLoss`` / ``closer_loss``).
+
+  Args:
+    fg: [B, T, H, W] float foreground mask (argmax of the logits is not the
+      background class; not differentiable, as in the reference).
+    v_map: [B, T, h, w, C]; a_fea: [B, T, C]; gt_mask: [B, T].
+    loss, norm, threshold, pooling: as ``avm_av_stage`` (but no sigmoid: the
+      pooled mask is the adaptive pool of ``fg``).
+    closer: Loss_AVM_VV. Each frame's partner is the frame of nearest audio
+      feature among all B*T (diagonal + 10, argmin over axis 0). With 'kl'
+      the reference compares the masked visual feature with the AUDIO
+      feature, not the partner's visual feature (as its code does); with
+      'euclidean' it uses the partner's masked visual feature.
+
+  Returns:
+    Scalar: per-frame losses weighted by ``gt_mask``.
+  """
+  b, t, h, w, c = v_map.shape
+  mask = adaptive_pool2d(fg.astype(jnp.float32), (h, w), pooling)[..., None]
+  v_map = v_map.astype(jnp.float32)
+  a = a_fea.astype(jnp.float32).reshape(b * t, c)
+  if threshold and not closer:
+    mask = (mask > 0.5).astype(jnp.float32)
+    count = mask.sum(axis=(2, 3))
+    v = (v_map * mask).sum(axis=(2, 3)) / (count + 1e-6)
+  else:
+    v = (v_map * mask).mean(axis=(2, 3))
+  v = v.reshape(b * t, c)
+  if closer:
+    if norm:
+      a = _l2_normalize(a)
+    dist = _safe_norm(a[:, None, :] - a[None, :, :])
+    dist = dist + 10.0 * jnp.eye(b * t, dtype=dist.dtype)
+    idx = jnp.argmin(dist, axis=0)
+    if norm:
+      v = _l2_normalize(v)
+    target = v[idx] if loss == 'euclidean' else a
+  else:
+    if norm:
+      a, v = _l2_normalize(a), _l2_normalize(v)
+    target = a
+  if loss == 'euclidean':
+    per_frame = _pairwise_distance(target, v)
+  else:
+    log_q = jax.nn.log_softmax(v, axis=-1)
+    log_p = jax.nn.log_softmax(target, axis=-1)
+    per_frame = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  return _masked_frame_mean(per_frame.reshape(b, t), gt_mask)
+
+
+def avss_loss(outputs: Mapping[str, Any], labels: Array, gt_mask: Array, *,
+              avm_weight: float = 0.0, avm_stages: Sequence[int] = (),
+              avm_loss: str = 'kl', avm_closer: bool = False,
+              avm_threshold: bool = False, avm_norm: bool = False,
+              avm_pooling: str = 'avg') -> Tuple[Array, dict]:
+  """AVSS training loss (reference ``IouSemanticAwareLoss`` of ``avss``).
+
+  ``loss = ce + avm_weight * avm``; the reference recipe (``train.sh``) is
+  ``avm_weight=0.5, avm_stages=(0, 1, 2, 3)``, KL, average pooling, no
+  normalisation or thresholding.
+
+  Args:
+    outputs: model outputs: 'logits' [B, T, H, W, K]; with ``avm_stages``
+      also 'visual_maps' and 'audio_features'.
+    labels: [B, T, H, W] int class indices.
+    gt_mask: [B, T] annotated-frame weights.
+    others: as ``avs_loss``.
+
+  Returns:
+    (loss, {'ce': ..., 'avm': ...}).
+  """
+  if avm_loss not in ('kl', 'euclidean'):
+    raise ValueError(f'avm_loss must be "kl" or "euclidean", got {avm_loss!r}')
+  if avm_pooling not in ('avg', 'max'):
+    raise ValueError(f'avm_pooling must be "avg" or "max", got {avm_pooling!r}')
+  if avm_closer and avm_threshold:
+    raise ValueError('avm_threshold does not apply to avm_closer (the '
+                     'reference closer_loss has no thresholding).')
+  logits = outputs['logits']
+  if logits.ndim != 5:
+    raise ValueError(f'AVSS logits must be [B, T, H, W, K], got {logits.shape}')
+  ce = avss_ce_loss(logits, labels, gt_mask)
+  stages = tuple(avm_stages)
+  if stages:
+    v_maps, a_feas = outputs.get('visual_maps'), outputs.get('audio_features')
+    if v_maps is None or a_feas is None or any(a_feas[s] is None
+                                               for s in stages):
+      raise ValueError('avm_stages needs outputs["visual_maps"] and '
+                       'outputs["audio_features"] of those stages (TPAVI '
+                       'audio-visual blocks there).')
+    fg = jax.lax.stop_gradient(
+        (jnp.argmax(logits, axis=-1) != 0).astype(jnp.float32))
+    avm = sum(avss_avm_stage(fg, v_maps[s], a_feas[s], gt_mask,
+                             loss=avm_loss, norm=avm_norm,
+                             threshold=avm_threshold, pooling=avm_pooling,
+                             closer=avm_closer)
+              for s in stages) / len(stages)
+  else:
+    avm = jnp.zeros((), jnp.float32)
+  return ce + avm_weight * avm, {'ce': ce, 'avm': avm}

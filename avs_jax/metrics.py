@@ -262,3 +262,127 @@ def summarize(acc: Mapping[str, Any]) -> Dict[str, Any]:
       'fscore_per_frame': ratio('fscore_frame_sum', 'num_fscore_frames'),
       'num_clips': int(acc['num_clips']),
   }
+
+
+# ----------------------------------------------------------------------------
+# AVSS (AVSBench-semantic): the reference's `avss/utils/compute_color_metrics.py`
+# (`calc_color_miou_fscore`) and the aggregation of its `test.py`.
+#
+# Per frame and class c (prediction ``argmax softmax(logits)``, all pixels,
+# background included): TP, TP + FP, TP + FN counts; ``iou = TP / (union +
+# 2.2e-16)`` (0 when the class is absent from both); the class is "seen" in
+# the frame when its union is non-empty; ``F = 1.3 P R / (0.3 P + R)`` with
+# NaN -> 0 (so 0 when the class is absent from the prediction or the ground
+# truth). Over the dataset: ``iou_sum[c]``, ``fscore_sum[c]`` and
+# ``class_count[c]`` (frames where c is seen) are summed over all frames,
+# padded frames of 5-frame clips included (the model's masked output is 0
+# there: predicted background, as the zero-padded label). Then (test.py)
+# ``miou_c = iou_sum / class_count`` (0 for classes never seen) and
+# ``miou = mean over ALL K classes`` -- classes never seen count as 0, so the
+# number depends on which classes a split contains; likewise F. test.py's
+# ``_noBg`` numbers drop the LAST class (index K-1), not the background
+# (index 0 in AVSBench-semantic's palette); reported here as ``miou_noBg`` /
+# ``fscore_noBg`` for comparison with published numbers, next to
+# ``miou_fg`` / ``fscore_fg`` that drop class 0. ``miou_present`` is test.py's
+# running print: the mean over seen classes only.
+#
+# (At its current head the official test.py unpacks 3 values from
+# ``calc_color_miou_fscore``, which returns 4, and stops with a ValueError;
+# the numbers here are what it computes with the first three, as its
+# train.py validation loop does identically.)
+
+AVSS_EPS = 2.220446049250313e-16
+
+
+def avss_frame_stats(logits: Array, labels: Array) -> Dict[str, Array]:
+  """Per-frame, per-class reference statistics (jittable).
+
+  Args:
+    logits: [N, H, W, K].
+    labels: [N, H, W] int in [0, K).
+
+  Returns:
+    'iou' [N, K], 'fscore' [N, K], 'seen' [N, K] (float 0/1: union > 0) and
+    'frame_miou' [N] (the reference's per-frame ``sum(iou) / #(iou != 0)``,
+    NaN when no class overlaps).
+  """
+  k = logits.shape[-1]
+  pred = jnp.argmax(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+                    axis=-1)
+  labels = labels.astype(pred.dtype)
+  # Class k marks "no intersection"; counted in an extra bin, then dropped.
+  count = jax.vmap(lambda x: jnp.bincount(x.reshape(-1), length=k + 1)[:k])
+  area_pred = count(pred).astype(jnp.float32)
+  area_lab = count(labels).astype(jnp.float32)
+  area_inter = count(jnp.where(pred == labels, pred, k)).astype(jnp.float32)
+  union = area_pred + area_lab - area_inter
+  iou = area_inter / (union + AVSS_EPS)
+  precision = area_inter / area_pred
+  recall = area_inter / area_lab
+  f = (1 + BETA2) * precision * recall / (BETA2 * precision + recall)
+  f = jnp.where(jnp.isnan(f), 0.0, f)
+  frame_miou = iou.sum(-1) / (iou != 0).sum(-1).astype(jnp.float32)
+  return {'iou': iou, 'fscore': f, 'seen': (union > 0).astype(jnp.float32),
+          'frame_miou': frame_miou}
+
+
+@jax.jit
+def avss_clip_metrics(logits: Array, labels: Array,
+                      valid: Optional[Array] = None) -> Dict[str, Array]:
+  """Per-class sums for one eval batch of AVSS clips (jittable).
+
+  Args:
+    logits: [B, T, H, W, K].
+    labels: [B, T, H, W] int.
+    valid: [B] bool; False for padding clips (contribute nothing).
+
+  Returns:
+    'iou_sum', 'fscore_sum', 'class_count' (each [K]) and 'num_clips'; merge
+    with ``merge_metrics`` and finish with ``avss_summarize``.
+  """
+  b, t = logits.shape[:2]
+  s = avss_frame_stats(logits.reshape((b * t,) + logits.shape[2:]),
+                       labels.reshape((b * t,) + labels.shape[2:]))
+  if valid is None:
+    valid = jnp.ones((b,), bool)
+  w = jnp.repeat(valid.astype(jnp.float32), t)[:, None]
+  return {'iou_sum': (w * s['iou']).sum(0),
+          'fscore_sum': (w * s['fscore']).sum(0),
+          'class_count': (w * s['seen']).sum(0),
+          'num_clips': jnp.sum(valid.astype(jnp.int32))}
+
+
+def avss_summarize(acc: Mapping[str, Any],
+                   class_names: Optional[Any] = None) -> Dict[str, Any]:
+  """The reference test.py numbers from accumulated ``avss_clip_metrics``.
+
+  Returns 'miou', 'fscore' (means over all K classes, unseen = 0),
+  'miou_noBg', 'fscore_noBg' (test.py: the last class dropped), 'miou_fg',
+  'fscore_fg' (class 0, the background, dropped; unseen still 0),
+  'miou_present', 'fscore_present' (means over seen classes),
+  'num_classes_seen', 'num_clips' and 'per_class': a list of
+  ``{'index', 'name', 'miou', 'fscore', 'frames'}`` (name from
+  ``class_names``, a sequence indexed by class, if given).
+  """
+  acc = {k: np.asarray(jax.device_get(v), np.float64) for k, v in acc.items()}
+  count = acc['class_count']
+  seen = count > 0
+  safe = np.where(seen, count, 1.0)
+  miou_c = np.where(seen, acc['iou_sum'] / safe, 0.0)
+  f_c = np.where(seen, acc['fscore_sum'] / safe, 0.0)
+  n_seen = int(seen.sum())
+  present = lambda x: float(x[seen].mean()) if n_seen else 0.0
+  per_class = [{'index': i,
+                'name': str(class_names[i]) if class_names is not None
+                else str(i),
+                'miou': float(miou_c[i]), 'fscore': float(f_c[i]),
+                'frames': int(count[i])} for i in range(len(count))]
+  return {'miou': float(miou_c.mean()), 'fscore': float(f_c.mean()),
+          'miou_noBg': float(miou_c[:-1].mean()),
+          'fscore_noBg': float(f_c[:-1].mean()),
+          'miou_fg': float(miou_c[1:].mean()),
+          'fscore_fg': float(f_c[1:].mean()),
+          'miou_present': present(miou_c), 'fscore_present': present(f_c),
+          'num_classes_seen': n_seen,
+          'num_clips': int(acc.get('num_clips', 0)),
+          'per_class': per_class}

@@ -62,11 +62,21 @@ class AVSModel(nn.Module):
   """Audio-visual segmentation.
 
   Attributes mirror the config's `model` section. `__call__(frames
-  [B, T, H, W, 3], audio [B, T, 128], train)` returns a dict with `logits`
-  `[B, T, H, W]` (float32), `visual_maps` (4 x `[B, T, h, w, C]`, the fused
-  maps after the decoder's in-place ReLU, what the AVM loss consumes) and
-  `audio_features` (4 x `[B, T, C]` or None, audio after each TPAVI's
-  `align_channel`).
+  [B, T, H, W, 3], audio [B, T, 128], train, frame_mask)` returns a dict with
+  `logits` `[B, T, H, W]` (float32; `[B, T, H, W, K]` when `num_classes` K > 1),
+  `visual_maps` (4 x `[B, T, h, w, C]`, the fused maps after the decoder's
+  in-place ReLU, what the AVM loss consumes) and `audio_features`
+  (4 x `[B, T, C]` or None, audio after each TPAVI's `align_channel`).
+
+  The AVSS variant of the reference (`avs_scripts/avss`) is this model with
+  `num_classes=71`, `align_bias=False`, `tpavi_group=5` and a `frame_mask`
+  `[B, T]` (1 for real frames, 0 for the padding of 5-frame clips to 10): the
+  audio (the reference's train/test loops), the ASPP maps, each TPAVI output,
+  each decoder stage and the logits are multiplied by it. `tpavi_group=5`:
+  the reference reshapes frames to `[-1, 5]` before TPAVI whatever the clip
+  length, so a 10-frame clip is two independent 5-frame TPAVI groups.
+  `tpavi_group=0` (S4/MS3) attends over the whole clip; a clip of at most
+  `tpavi_group` frames is one group.
   """
   backbone: str = 'resnet50'
   channels: int = 256
@@ -75,12 +85,32 @@ class AVSModel(nn.Module):
   tpavi_vv: bool = False
   tpavi_va: bool = True
   head_channels: int = 128
+  num_classes: int = 1
+  align_bias: bool = True
+  tpavi_group: int = 0
   remat: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, frames, audio=None, train: bool = False):
+  def __call__(self, frames, audio=None, train: bool = False,
+               frame_mask=None):
     b, t, h, w, _ = frames.shape
+    g = self.tpavi_group if 0 < self.tpavi_group < t else t
+    if t % g:
+      raise ValueError(f'clip length {t} is not a multiple of tpavi_group '
+                       f'{self.tpavi_group}')
+    if frame_mask is not None:
+      if frame_mask.shape != (b, t):
+        raise ValueError(f'frame_mask must be [B, T] = {(b, t)}, got '
+                         f'{frame_mask.shape}')
+      fm = frame_mask.astype(self.dtype)
+      mask5 = fm.reshape(b, t, 1, 1, 1)     # on [B, T, h, w, C]
+      mask4 = fm.reshape(b * t, 1, 1, 1)    # on [B*T, h, w, C]
+      if audio is not None:
+        audio = audio * fm[..., None].astype(audio.dtype)
+    else:
+      mask5 = mask4 = None
+    apply_mask = lambda x, m: x if m is None else x * m
     if h % 32 or w % 32:
       raise ValueError(f'frame size must be a multiple of 32, got {h}x{w}')
     if self.tpavi_stages and not (self.tpavi_vv or self.tpavi_va):
@@ -103,32 +133,45 @@ class AVSModel(nn.Module):
 
     maps = [ASPP(self.channels, self.dtype, name=f'conv{i + 1}')(f)
             for i, f in enumerate(feats)]
-    maps = [m.reshape((b, t) + m.shape[1:]) for m in maps]
+    maps = [apply_mask(m.reshape((b, t) + m.shape[1:]), mask5) for m in maps]
     audio_features = [None] * 4
+    grouped = lambda x: x.reshape((b * t // g, g) + x.shape[2:])
+    ungrouped = lambda x: x.reshape((b, t) + x.shape[2:])
     for i in self.tpavi_stages:
-      block = TPAVI(self.tpavi_mode, train, self.dtype, name=f'tpavi_b{i + 1}')
+      block = TPAVI(self.tpavi_mode, train, self.dtype, self.align_bias,
+                    name=f'tpavi_b{i + 1}')
       outs = []
       if self.tpavi_vv:
-        outs.append(block(maps[i])[0])
+        z = ungrouped(block(grouped(maps[i]))[0])
+        outs.append(apply_mask(z, mask5))
       if self.tpavi_va:
-        z, audio_features[i] = block(maps[i], audio)
-        outs.append(z)
+        z, a_fea = block(grouped(maps[i]), grouped(audio))
+        audio_features[i] = ungrouped(a_fea)
+        outs.append(apply_mask(ungrouped(z), mask5))
       maps[i] = sum(outs) / len(outs)
 
     # The decoder's in-place ReLU rewrites every fused map: keep that view.
     maps = [nn.relu(m) for m in maps]
     flat = [m.reshape((b * t,) + m.shape[2:]) for m in maps]
-    y = FeatureFusionBlock(self.dtype, name='path4')(flat[3])
-    y = FeatureFusionBlock(self.dtype, name='path3')(y, flat[2])
-    y = FeatureFusionBlock(self.dtype, name='path2')(y, flat[1])
-    y = FeatureFusionBlock(self.dtype, name='path1')(y, flat[0])
+    y = apply_mask(FeatureFusionBlock(self.dtype, name='path4')(flat[3]),
+                   mask4)
+    y = apply_mask(FeatureFusionBlock(self.dtype, name='path3')(y, flat[2]),
+                   mask4)
+    y = apply_mask(FeatureFusionBlock(self.dtype, name='path2')(y, flat[1]),
+                   mask4)
+    y = apply_mask(FeatureFusionBlock(self.dtype, name='path1')(y, flat[0]),
+                   mask4)
 
     y = conv(self.head_channels, 3, 1, 1, dtype=self.dtype,
              name='output_conv_0')(y)
     y = upsample2x(y, align_corners=False)
     y = nn.relu(conv(32, 3, 1, 1, dtype=self.dtype, name='output_conv_2')(y))
-    y = conv(1, 1, dtype=self.dtype, name='output_conv_4')(y)
-    logits = y.reshape(b, t, h, w).astype(jnp.float32)
+    y = conv(self.num_classes, 1, dtype=self.dtype, name='output_conv_4')(y)
+    y = apply_mask(y, mask4)
+    if self.num_classes == 1:
+      logits = y.reshape(b, t, h, w).astype(jnp.float32)
+    else:
+      logits = y.reshape(b, t, h, w, self.num_classes).astype(jnp.float32)
     return {'logits': logits, 'visual_maps': maps,
             'audio_features': audio_features}
 
@@ -142,4 +185,7 @@ def build_model(model_config, *, dtype=jnp.float32, remat=False) -> AVSModel:
                   tpavi_vv=model_config.tpavi_vv,
                   tpavi_va=model_config.tpavi_va,
                   head_channels=model_config.get('head_channels', 128),
+                  num_classes=model_config.get('num_classes', 1),
+                  align_bias=model_config.get('align_bias', True),
+                  tpavi_group=model_config.get('tpavi_group', 0),
                   remat=remat, dtype=dtype)

@@ -43,10 +43,14 @@ class ConcatAffinity(nn.Module):
 
 
 class TPAVI(nn.Module):
-  """`x [B, T, H, W, C]`, `audio [B, T, 128] | None` -> (`[B, T, H, W, C]`, `[B, T, C] | None`)."""
+  """`x [B, T, H, W, C]`, `audio [B, T, 128] | None` -> (`[B, T, H, W, C]`, `[B, T, C] | None`).
+
+  `align_bias=False`: `align_channel` without bias (the reference's AVSS).
+  """
   mode: str = 'dot'
   train: bool = False
   dtype: Dtype = jnp.float32
+  align_bias: bool = True
 
   @nn.compact
   def __call__(self, x, audio=None):
@@ -57,8 +61,8 @@ class TPAVI(nn.Module):
     n = t * h * w
     proj = lambda name, f=ci: Conv1x1(f, 3, self.dtype, name=name)
     # The reference builds these two in its constructor whatever the input.
-    align = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32,
-                     name='align_channel')
+    align = nn.Dense(c, use_bias=self.align_bias, dtype=self.dtype,
+                     param_dtype=jnp.float32, name='align_channel')
     norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                         param_dtype=jnp.float32, name='norm_layer')
 

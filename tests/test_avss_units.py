@@ -1,0 +1,111 @@
+"""AVSS pieces not covered by the golden parity tests: config, errors, masks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avs_jax import avss
+from avs_jax import losses
+from avs_jax import metrics
+from avs_jax.models import build_model
+from configs import avss as avss_config
+
+
+def tiny_model(**kw):
+  c = avss_config.get_config('resnet_tiny').model
+  c.channels, c.head_channels = 16, 8
+  c.update(kw)
+  return build_model(c)
+
+
+def test_config_builds_the_avss_model():
+  c = avss_config.get_config()
+  assert c.model.backbone == 'pvt_v2_b5' and c.model.num_classes == 71
+  assert not c.model.align_bias and c.model.tpavi_group == 5
+  assert tuple(c.loss.avm_stages) == (0, 1, 2, 3) and c.loss.avm_weight == 0.5
+  shapes = jax.eval_shape(
+      build_model(avss_config.get_config('resnet50').model).init,
+      jax.random.key(0), jnp.zeros((1, 10, 64, 64, 3)),
+      jnp.zeros((1, 10, 128)))
+  p = shapes['params']
+  assert p['output_conv_4']['kernel'].shape == (1, 1, 32, 71)
+  assert 'bias' not in p['tpavi_b1']['align_channel']
+
+
+def test_tpavi_groups_of_five_frames():
+  """A 10-frame clip is two independent 5-frame TPAVI groups: changing the
+  second half leaves the first half's output unchanged (one 10-frame group
+  would mix them)."""
+  model = tiny_model(tpavi_stages=(3,))
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, 10, 32, 32, 3)).astype(np.float32)
+  a = rng.standard_normal((1, 10, 128)).astype(np.float32)
+  v = model.init(jax.random.key(0), x, a)
+  # Non-zero W_z BatchNorm scale so that TPAVI is not the identity + norm.
+  v = jax.tree_util.tree_map_with_path(
+      lambda p, w: jnp.ones_like(w) if 'W_z_1' in str(p) and 'scale' in
+      str(p) else w, v)
+  out = model.apply(v, x, a)['logits']
+  x2, a2 = x.copy(), a.copy()
+  x2[:, 5:] *= -1
+  a2[:, 5:] *= 3
+  out2 = model.apply(v, x2, a2)['logits']
+  np.testing.assert_allclose(out2[:, :5], out[:, :5], atol=1e-5)
+  whole = tiny_model(tpavi_stages=(3,), tpavi_group=0)
+  o, o2 = whole.apply(v, x, a)['logits'], whole.apply(v, x2, a2)['logits']
+  assert np.abs(np.asarray(o2[:, :5] - o[:, :5])).max() > 1e-4
+
+
+def test_bad_inputs_raise_clear_errors():
+  model = tiny_model()
+  x = jnp.zeros((1, 10, 32, 32, 3))
+  a = jnp.zeros((1, 10, 128))
+  with pytest.raises(ValueError, match='frame_mask must be'):
+    jax.eval_shape(model.init, jax.random.key(0), x, a,
+                   frame_mask=jnp.ones((1, 5)))
+  with pytest.raises(ValueError, match='multiple of tpavi_group'):
+    jax.eval_shape(model.init, jax.random.key(0), x[:, :7], a[:, :7])
+  with pytest.raises(ValueError, match=r'\[B, T, H, W, K\]'):
+    losses.avss_loss({'logits': jnp.zeros((1, 10, 8, 8))},
+                     jnp.zeros((1, 10, 8, 8), jnp.int32), jnp.ones((1, 10)))
+  with pytest.raises(ValueError, match='not an AVS/AVSS checkpoint'):
+    avss.model_config_from_state_dict({'fc.weight': np.zeros((2, 2))})
+  with pytest.raises(ValueError, match='unknown AVSBench-semantic subset'):
+    avss.temporal_masks('v3')
+
+
+def test_temporal_masks_of_the_subsets():
+  vid, gt = avss.temporal_masks('v1s')
+  assert vid.tolist() == [1] * 5 + [0] * 5 and gt.tolist() == [1] + [0] * 9
+  vid, gt = avss.temporal_masks('v1m')
+  assert vid.tolist() == gt.tolist() == [1] * 5 + [0] * 5
+  vid, gt = avss.temporal_masks('v2')
+  assert vid.tolist() == gt.tolist() == [1] * 10
+
+
+def test_ce_loss_weights_frames_and_handles_no_annotation():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.standard_normal((1, 10, 4, 4, 5)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 5, (1, 10, 4, 4)))
+  nll = -np.asarray(jax.nn.log_softmax(logits))
+  per = np.take_along_axis(nll, np.asarray(labels)[..., None], -1)[..., 0]
+  per_frame = per.mean(axis=(2, 3))[0]
+  gt = np.array([[1.] + [0.] * 9])
+  np.testing.assert_allclose(losses.avss_ce_loss(logits, labels, gt),
+                             per_frame[0], rtol=1e-6)
+  assert float(losses.avss_ce_loss(logits, labels, np.zeros((1, 10)))) == 0
+
+
+def test_summary_per_class_table_with_names():
+  k = 4
+  logits = np.zeros((1, 2, 2, 2, k), np.float32)
+  logits[..., 2] = 1  # predicts class 2 everywhere
+  labels = np.full((1, 2, 2, 2), 2)
+  labels[0, 0, 0, 0] = 0
+  acc = metrics.merge_metrics(None, metrics.avss_clip_metrics(logits, labels))
+  r = metrics.avss_summarize(acc, ['background', 'a', 'b', 'c'])
+  assert [c['name'] for c in r['per_class']] == ['background', 'a', 'b', 'c']
+  assert r['per_class'][2]['miou'] == pytest.approx((3 / 4 + 1) / 2)
+  assert r['per_class'][0]['frames'] == 1 and r['num_classes_seen'] == 2
+  assert r['miou'] == pytest.approx(r['per_class'][2]['miou'] / k)
+  assert r['miou_fg'] == pytest.approx(r['per_class'][2]['miou'] / (k - 1))
