@@ -1,0 +1,63 @@
+"""bench/vs_reference.py without the reference: the JAX side, the weights
+recipe it shares with the golden fixtures, the ratio, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from golden_weights import rebuild_tensor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'bench'))
+import vs_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def run_bench(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, 'bench', 'vs_reference.py'), *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize('key,shape', [
+    ('resnet.conv1.weight', (8, 3, 7, 7)),
+    ('resnet.bn1.running_var', (8,)),
+    ('resnet.bn1.running_mean', (8,)),
+    ('path1.resConfUnit1.conv1.bias', (4,)),
+    ('encoder_backbone.norm1.weight', (6,)),
+])
+def test_weights_are_the_golden_recipe(key, shape):
+  np.testing.assert_array_equal(vs_reference.golden_tensor(key, shape),
+                                rebuild_tensor(key, shape))
+
+
+def test_ratios_median():
+  r, med = vs_reference.ratios([1.0, 2.0, 9.0], [2.0, 2.0, 3.0])
+  assert r == [0.5, 1.0, 3.0] and med == 1.0
+
+
+def test_jax_only_run(tmp_path):
+  """No --reference: times the JAX step alone and writes its figures."""
+  out = tmp_path / 'r.json'
+  p = run_bench('--backbone', 'resnet_tiny', '--image_size', '32',
+                '--set', 'model.channels=16', '--set', 'model.head_channels=8',
+                '--alternations', '2', '--cores', '1', '--json', str(out))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'median step: jax' in p.stdout, p.stdout
+  res = json.loads(out.read_text())
+  assert res['backbone'] == 'resnet_tiny' and res['image_size'] == 32
+  assert len(res['jax']['wall_s']) == 2
+  assert all(t > 0 for t in res['jax']['wall_s'] + res['jax']['cpu_s'])
+  assert np.isfinite(res['first_loss']['jax'])
+  assert 'reference' not in res and len(res['cores']) == 1
+
+
+def test_bad_reference_path_is_one_clear_error(tmp_path):
+  p = run_bench('--backbone', 'resnet50', '--reference', str(tmp_path),
+                '--alternations', '1')
+  assert p.returncode != 0
+  assert str(tmp_path) in p.stderr and 'avs_ms3' in p.stderr, p.stderr[-2000:]
+  assert 'Traceback' not in p.stderr
