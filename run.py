@@ -19,7 +19,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from avs_jax import audio
@@ -30,6 +29,7 @@ from avs_jax import predict
 from avs_jax import runtime
 from avs_jax import torch_weights
 from avs_jax import train
+from avs_jax import utils
 from data_prep import synthetic
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -121,7 +121,7 @@ def run(config, workdir, mode):
   if config.data.synthetic.enabled:
     if jax.process_index() == 0:
       synthetic.ensure_synthetic_data(config)
-    multihost_utils.sync_global_devices('synthetic data')  # made by process 0
+    utils.barrier('synthetic data')  # made by process 0
     synthetic.ensure_synthetic_data(config)  # checks what is there
   if mode == 'train':
     results = train.train_and_evaluate(config, workdir)

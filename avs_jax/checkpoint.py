@@ -11,9 +11,10 @@ import sys
 
 import grain
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+
+from avs_jax import utils
 
 BEST_METRIC = 'val_miou'
 
@@ -44,7 +45,7 @@ def set_aside(mngr, step, why):
     print(f'warning: checkpoint step {step} ({src}) is damaged ({why}); '
           f'moved to {dst}, using the previous one', file=sys.stderr,
           flush=True)
-  multihost_utils.sync_global_devices(f'set aside {step}')
+  utils.barrier(f'set aside {step}')
   mngr.reload()
 
 
@@ -60,10 +61,13 @@ def manager(directory, keep=2, async_save=True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, enable_async_checkpointing=async_save,
       best_fn=lambda m: m[BEST_METRIC], best_mode='max', create=True)
-  return ocp.CheckpointManager(
-      os.path.abspath(directory), options=options,
-      item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'data': grain.checkpoint.CheckpointHandler()})
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_handlers=_handlers())
+
+
+def _handlers():
+  return {'state': ocp.StandardCheckpointHandler(),
+          'data': grain.checkpoint.CheckpointHandler()}
 
 
 def save(mngr, step, state, data_iter=None, metrics=None, force=False):
@@ -135,7 +139,7 @@ def best_checkpoint(path):
   """`(DIR/STEP, STEP)` of `path`: its own step, else the best by val J."""
   directory, step = resolve(path)
   if step is None:
-    with ocp.CheckpointManager(directory, item_names=('state', 'data')) as m:
+    with ocp.CheckpointManager(directory, item_handlers=_handlers()) as m:
       step = best_step(m)
   if step is None:
     raise FileNotFoundError(f'{directory}: no checkpoints in it')
@@ -154,9 +158,7 @@ def load_state(path):
   replicated = jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.asarray(jax.devices()), ('data',)),
       jax.sharding.PartitionSpec())
-  with ocp.CheckpointManager(
-      directory, item_names=('state', 'data'),
-      item_handlers={'state': ocp.StandardCheckpointHandler()}) as mngr:
+  with ocp.CheckpointManager(directory, item_handlers=_handlers()) as mngr:
     try:
       meta = mngr.item_metadata(step)['state']
       target = jax.tree_util.tree_map(

@@ -57,9 +57,9 @@ class Evaluator:
     self.config = config
     self.audio_vars = audio_vars
     self.sharding = runtime.batch_sharding(mesh)
-    self.step = jax.jit(
+    self.step = utils.CompileThenMeet(jax.jit(
         functools.partial(eval_step, model=model, vggish=vggish),
-        out_shardings=(runtime.replicated(mesh), self.sharding))
+        out_shardings=(runtime.replicated(mesh), self.sharding)), 'eval step')
 
   def run(self, variables, setting, split, *, audio='true', out_dir=None,
           desc=''):

@@ -99,6 +99,7 @@ def initialize_distributed(coordinator_address=None, num_processes=None,
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address, num_processes, process_id,
                              heartbeat_timeout_seconds=heartbeat_timeout)
+  utils.use_service_barriers()
 
 
 def make_mesh():

@@ -235,7 +235,8 @@ def _compile_steps(config, model, vggish, optimizer, mesh, state):
   loss_of = jax.jit(
       functools.partial(state_loss, model=model, vggish=vggish, config=config),
       in_shardings=(shardings, data, rep), out_shardings=rep)
-  return step_fn, loss_of
+  return (utils.CompileThenMeet(step_fn, 'train step'),
+          utils.CompileThenMeet(loss_of, 'state loss'))
 
 
 def train_and_evaluate(config, workdir):
@@ -347,8 +348,9 @@ class Loop:
       metrics = {ckpt_lib.BEST_METRIC: val['miou'],
                  'val_fscore': val['fscore']}
       self.writer.write(done, metrics)
-      self.bar.write(f'step {done}: val J {val["miou"]:.4f} F '
-                     f'{val["fscore"]:.4f}')
+      if jax.process_index() == 0:
+        self.bar.write(f'step {done}: val J {val["miou"]:.4f} F '
+                       f'{val["fscore"]:.4f}')
     ckpt_lib.save(self.mngr, done, state.as_dict(), train_iter,
                   metrics=metrics, force=True)
 

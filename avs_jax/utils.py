@@ -3,8 +3,50 @@ import json
 import os
 import sys
 
+import itertools
+
+from absl import flags
 import jax
+import orbax.checkpoint as ocp
 import tqdm
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name, timeout=1800):
+  """Waits until every process is here (a no-op with one process).
+
+  The coordination service's barrier, not a device collective: it has a
+  timeout and does not care how long each process took to get here.
+  """
+  if jax.process_count() > 1:
+    ocp.multihost.get_barrier_sync_fn()(
+        key=f'{name}:{next(_BARRIERS)}', timeout_ms=timeout * 1000)
+
+
+def use_service_barriers():
+  """Orbax's barriers through the coordination service too (see `barrier`)."""
+  flags.FLAGS['experimental_orbax_use_distributed_barrier'].value = True
+
+
+class CompileThenMeet:
+  """A jitted function compiled on its first call; then all processes meet.
+
+  With several processes, the first run of a program sets up its
+  cross-process communicators, and on CPUs gloo gives the peers only 30 s to
+  join: one host compiling slower than another would fail the others.
+  Compiling first and meeting at a `barrier` removes that race. Later calls
+  run the compiled program (same shapes every call).
+  """
+
+  def __init__(self, jitted, name):
+    self.jitted, self.name, self.compiled = jitted, name, None
+
+  def __call__(self, *args):
+    if self.compiled is None:
+      self.compiled = self.jitted.lower(*args).compile()
+      barrier(f'compiled {self.name}')
+    return self.compiled(*args)
 
 
 def log(msg):

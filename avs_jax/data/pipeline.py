@@ -22,6 +22,7 @@ import functools
 
 from absl import flags
 import grain
+import numpy as np
 
 from avs_jax.data import records
 
@@ -43,37 +44,6 @@ def _process(process_index, process_count):
         f'process_index {process_index} not in [0, {process_count})'
     )
   return process_index, process_count
-
-
-def _keep(element, *, offset, process_index, process_count):
-  index, _ = element
-  return (offset + index) % process_count == process_index
-
-
-def _with_index(index, element):
-  return index, element
-
-
-def _second(element):
-  return element[1]
-
-
-def _open_shard(shard, *, process_index, process_count):
-  """One shard as an IterDataset of raw records (strided when files are few)."""
-  path, offset, strided = shard
-  ds = grain.experimental.TFRecordIterDataset(path)
-  if strided:
-    ds = ds.map_with_index(_with_index)
-    ds = ds.filter(
-        functools.partial(
-            _keep,
-            offset=offset,
-            process_index=process_index,
-            process_count=process_count,
-        )
-    )
-    ds = ds.map(_second)
-  return ds
 
 
 class _Decode(grain.transforms.Map):
@@ -99,6 +69,19 @@ class _ReadAndDecode(_Decode):
     return records.decode(self.source[position], self.image_size)
 
 
+class _DecodeRows(_Decode):
+  """A global batch of raw records -> this process's rows, decoded, stacked."""
+
+  def __init__(self, image_size, start, size):
+    super().__init__(image_size)
+    self.start, self.size = start, size
+
+  def map(self, element):
+    rows = [records.decode(r, self.image_size)
+            for r in element[self.start:self.start + self.size]]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 def _prefetch(ds, num_workers):
   if not num_workers:
     return ds
@@ -122,44 +105,36 @@ def train_dataset(
     shuffle_window=256,
     cycle_length=4,
 ):
-  """Infinite training batches of this process (per-process batch_size).
+  """Infinite training batches: this process's rows of each global batch.
 
-  Shards are split across processes (shard k -> process k % count); with
-  fewer shards than processes every process reads all shards and keeps every
-  count-th record. Files are reshuffled each epoch; records are mixed by
-  interleaving `cycle_length` shards and a `shuffle_window` shuffle.
+  Every process reads the same stream of records (all shards, their order
+  reshuffled each epoch with `seed`, `cycle_length` shards interleaved, a
+  `shuffle_window` shuffle), cuts it into global batches of `batch_size *
+  process_count` clips and decodes only its own `batch_size` rows. So the
+  global batches, and hence training, are the same for any number of
+  processes, and every process's iterator is at the same position (a
+  checkpoint's input state fits any process count). Reading raw records is
+  repeated on every process; decoding, the costly part, is split.
   """
   process_index, process_count = _process(process_index, process_count)
   paths, lengths = records.split_files(data_dir, setting, 'train')
-  offsets = [sum(lengths[:k]) for k in range(len(paths))]
-  strided = len(paths) < process_count
-  if strided:
-    shards = [(p, o, True) for p, o in zip(paths, offsets)]
-    available = len(range(process_index, sum(lengths), process_count))
-  else:
-    shards = [(p, o, False) for p, o in zip(paths, offsets)][
-        process_index::process_count
-    ]
-    available = sum(lengths[process_index::process_count])
-  if available < batch_size:
+  global_batch = batch_size * process_count
+  if sum(lengths) < global_batch:
     raise records.DataError(
-        f'process {process_index} of {process_count} gets {available} '
-        f'training clips, fewer than batch_size={batch_size}: lower the batch '
-        'size or prepare more clips'
+        f'{sum(lengths)} training clips, fewer than one global batch of '
+        f'{global_batch} (batch_size={batch_size} per process x {process_count}):'
+        ' lower the batch size or prepare more clips'
     )
-  ds = grain.MapDataset.source(shards).shuffle(seed=seed).repeat()
-  ds = ds.map(
-      functools.partial(
-          _open_shard, process_index=process_index, process_count=process_count
-      )
-  )
+  ds = grain.MapDataset.source(paths).shuffle(seed=seed).repeat()
+  ds = ds.map(grain.experimental.TFRecordIterDataset)
   ds = grain.experimental.InterleaveIterDataset(
-      ds, cycle_length=max(1, min(cycle_length, len(shards)))
+      ds, cycle_length=max(1, min(cycle_length, len(paths)))
   )
   ds = grain.experimental.WindowShuffleIterDataset(
       ds, window_size=shuffle_window, seed=seed
   )
-  ds = ds.map(_Decode(image_size)).batch(batch_size, drop_remainder=True)
+  ds = ds.batch(global_batch, drop_remainder=True, batch_fn=list)
+  ds = ds.map(_DecodeRows(image_size, process_index * batch_size, batch_size))
   return _prefetch(ds, num_workers)
 
 
