@@ -52,8 +52,6 @@ def load(name):
   b, t, h, w = cfg['batch'], cfg['frames_per_clip'], cfg['height'], cfg['width']
   d['cfg'] = cfg
   d['mcfg'] = model_config(cfg, dropout=cfg.get('dropout', 0.1))
-  d['sd'] = rebuild_state_dict(d['state_dict_shapes'])
-  d['variables'] = ac.torch_to_flax(d['sd'], d['mcfg'])
   # PyTorch [B*T, C, H, W] -> ours [B, T, H, W, C].
   d['x_frames'] = d['frames'].reshape(b, t, 3, h, w).transpose(0, 1, 3, 4, 2)
   d['x_audio'] = d['audio_embedding'].reshape(b, t, 128)
@@ -62,6 +60,11 @@ def load(name):
     d['x_frame_mask'] = d['vid_temporal_mask_flag'].reshape(b, t)
     d['x_labelled'] = d['gt_temporal_mask_flag'].reshape(b, t)
   return d
+
+
+def golden_variables(d):
+  """The fixture's weights, rebuilt and converted (not cached: memory)."""
+  return ac.torch_to_flax(rebuild_state_dict(d['state_dict_shapes']), d['mcfg'])
 
 
 def logits_to_torch(logits):
@@ -126,7 +129,7 @@ def eval_outputs(name):
   d = load(name)
   model = avsegformer.build_model(d['mcfg'])
   out = jax.jit(lambda v, f, a, m: model.apply(v, f, a, frame_mask=m))(
-      d['variables'], d['x_frames'], d['x_audio'], d.get('x_frame_mask')
+      golden_variables(d), d['x_frames'], d['x_audio'], d.get('x_frame_mask')
   )
   return d, jax.tree_util.tree_map(np.asarray, out)
 
@@ -212,7 +215,7 @@ def _train_grads(d, dtype):
   """Loss, aux, logits, gradients (PyTorch layout), updated stats."""
   model = avsegformer.build_model(d['mcfg'], dtype=dtype)
   cast = lambda x: jnp.asarray(x, dtype)
-  variables = jax.tree_util.tree_map(cast, d['variables'])
+  variables = jax.tree_util.tree_map(cast, golden_variables(d))
   w = d['cfg']['loss']['weight_dict']
 
   def loss_fn(params):
@@ -252,7 +255,10 @@ def train_results():
   d = load('avsegformer_resnet50_train_ms3_64.npz')
   assert d['cfg']['mode'] == 'train' and d['cfg']['dropout'] == 0.0
   with jax.enable_x64(True):
-    return d, _train_grads(d, jnp.float64)
+    loss, aux, logits, grads, stats = _train_grads(d, jnp.float64)
+  jax.clear_caches()
+  grads = {k: grads[k] for k in grads if 'grad/' + k in d}  # memory
+  return d, (loss, aux, logits, grads, stats)
 
 
 def test_train_forward_loss_and_batch_stats(train_results):
@@ -317,7 +323,11 @@ def _full_reference_state_dict(name):
 
 @pytest.mark.parametrize(
     'name',
-    ['avsegformer_resnet50_s4_64.npz', 'avsegformer_pvt_v2_b5_ms3_64.npz'],
+    [
+        'avsegformer_resnet50_s4_64.npz',
+        'avsegformer_pvt_v2_b5_ms3_64.npz',
+        'avsegformer_resnet50_avss_32.npz',
+    ],
 )
 def test_converter_round_trip(name):
   """Released layout (DataParallel prefix, VGGish, ResNet's second branch)
@@ -348,7 +358,7 @@ def test_converter_round_trip(name):
 
 def test_converter_errors():
   d = load('avsegformer_resnet50_s4_64.npz')
-  sd, mcfg = dict(d['sd']), d['mcfg']
+  sd, mcfg = rebuild_state_dict(d['state_dict_shapes']), d['mcfg']
   missing = dict(sd)
   del missing['head.transformer.encoder.layers.2.self_attn.value_proj.weight']
   with pytest.raises(
@@ -378,16 +388,21 @@ def test_converter_errors():
 # Configs.
 
 
-@pytest.mark.parametrize('setting', ['s4', 'ms3'])
-def test_configs(setting):
+@pytest.mark.parametrize(
+    'setting, default, classes',
+    [('s4', 'resnet50', 1), ('ms3', 'resnet50', 1), ('avss', 'pvt_v2_b5', 71)],
+)
+def test_configs(setting, default, classes):
   mod = importlib.import_module(f'configs.avsegformer_{setting}')
   c = mod.get_config()
-  assert c.model.name == 'avsegformer' and c.model.backbone == 'resnet50'
-  assert mod.get_config('pvt_v2_b5').model.backbone == 'pvt_v2_b5'
-  assert c.data.setting == setting
+  assert c.model.name == 'avsegformer' and c.model.backbone == default
+  other = 'resnet50' if default != 'resnet50' else 'pvt_v2_b5'
+  assert mod.get_config(other).model.backbone == other
+  assert c.data.setting == setting and c.loss.kind == 'avsegformer'
   assert c.train.lr == 2e-5 and c.train.weight_decay == 0.01
   model = avsegformer.build_model(c.model)
-  assert model.num_classes == 1 and model.query_num == 300
+  assert model.num_classes == classes and model.query_num == 300
+  assert model.mlp_dim == 2048 and model.dropout == 0.1
 
 
 def test_command_line_round_trip(tmp_path, capsys):
@@ -416,3 +431,84 @@ def test_command_line_round_trip(tmp_path, capsys):
   bad = ['--src', str(src), '--config', 'configs/avsegformer_s4.py:pvt_v2_b5']
   assert ac.main(bad + ['--out', str(tmp_path / 'x')]) == 1
   assert "asks for 'pvt_v2_b5'" in capsys.readouterr().err
+
+
+def test_tiny_model_learns_from_audio():
+  """A tiny AVSegFormer learns masks that only the audio tells apart.
+
+  Frames are noise; the audio says whether the sounding object is the left
+  or the right half. After training on the dice + mix loss the masks must
+  follow the audio (and swapping the audio must swap them).
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+
+  cfg = ml_collections.ConfigDict(
+      dict(
+          name='avsegformer',
+          backbone='resnet_tiny',
+          num_classes=1,
+          query_num=8,
+          embed_dim=32,
+          num_layers=1,
+          generator_layers=1,
+          ffn_dim=64,
+          mlp_dim=32,
+          dropout=0.0,
+      )
+  )
+  model = avsegformer.build_model(cfg)
+  rng = np.random.default_rng(0)
+  n, size = 8, 32
+  side = np.arange(n) % 2
+  # One frame for every clip: only the audio tells the clips apart.
+  frames = np.repeat(
+      rng.standard_normal((1, 1, size, size, 3)).astype(np.float32), n, 0
+  )
+  audio = rng.standard_normal((n, 1, 128)).astype(np.float32) * 0.1
+  audio[:, 0, :64] += (side == 0)[:, None]
+  audio[:, 0, 64:] += (side == 1)[:, None]
+  masks = np.zeros((n, 1, size, size), np.float32)
+  for i in range(n):
+    masks[i, 0, :, side[i] * size // 2 : (side[i] + 1) * size // 2] = 1
+  variables = jax.jit(model.init)(jax.random.key(0), frames, audio)
+  opt = optax.adam(3e-3)
+
+  def forward(params, stats, audio):
+    return model.apply(
+        {'params': params, 'batch_stats': stats},
+        frames,
+        audio,
+        train=True,
+        mutable=['batch_stats'],
+    )
+
+  def loss_fn(params, stats):
+    out, new = forward(params, stats, audio)
+    loss, _ = al.avsegformer_loss(out, masks, setting='ms3')
+    return loss, new['batch_stats']
+
+  @jax.jit
+  def step(params, stats, opt_state):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, stats
+    )
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  params, stats = variables['params'], variables['batch_stats']
+  opt_state = opt.init(params)
+  losses = []
+  for _ in range(40):
+    params, stats, opt_state, loss = step(params, stats, opt_state)
+    losses.append(loss)
+  losses = [float(l) for l in losses]
+  assert losses[-1] < 0.5 * losses[0], losses
+
+  def iou(audio):
+    pred = np.asarray(forward(params, stats, audio)[0]['logits']) > 0
+    inter = np.logical_and(pred, masks > 0).sum()
+    return inter / np.logical_or(pred, masks > 0).sum()
+
+  assert iou(audio) > 0.8
+  swapped = audio[np.arange(n) ^ 1]  # each clip gets the other side's audio
+  assert iou(swapped) < 0.3

@@ -419,6 +419,7 @@ class AVSegHead(nn.Module):
   num_layers: int = 6
   generator_layers: int = 6
   ffn_dim: int = 2048
+  mlp_dim: int = 2048
   dropout: float = 0.1
   deterministic: bool = True
   dtype: Dtype = jnp.float32
@@ -477,7 +478,7 @@ class AVSegHead(nn.Module):
     )
 
     pred = jnp.einsum('nqc,nhwc->nhwq', out, mask_feature)
-    pred = mask_feature + MLP(2048, c, 3, d, name='mlp')(pred)
+    pred = mask_feature + MLP(self.mlp_dim, c, 3, d, name='mlp')(pred)
     pred = self._output(pred, 'fc')
     if self.is_initializing():  # unused by the reference, in its checkpoints
       SimpleFPN(c, d, name='fpn')(mask_feature[:1])
@@ -521,6 +522,7 @@ class AVSegFormer(nn.Module):
   num_layers: int = 6
   generator_layers: int = 6
   ffn_dim: int = 2048
+  mlp_dim: int = 2048  # the head's query-map MLP
   dropout: float = 0.1
   remat: bool = False
   dtype: Dtype = jnp.float32
@@ -569,6 +571,7 @@ class AVSegFormer(nn.Module):
         num_layers=self.num_layers,
         generator_layers=self.generator_layers,
         ffn_dim=self.ffn_dim,
+        mlp_dim=self.mlp_dim,
         dropout=self.dropout,
         deterministic=not train,
         dtype=self.dtype,
@@ -600,6 +603,7 @@ def build_model(model_config, *, dtype=jnp.float32, remat=False) -> AVSegFormer:
       num_layers=model_config.get('num_layers', 6),
       generator_layers=model_config.get('generator_layers', 6),
       ffn_dim=model_config.get('ffn_dim', 2048),
+      mlp_dim=model_config.get('mlp_dim', 2048),
       dropout=model_config.get('dropout', 0.1),
       remat=remat,
       dtype=dtype,
