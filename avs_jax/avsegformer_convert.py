@@ -23,10 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-try:  # the generic mapping moves to torch_weights in the lead's refactor
-  from avs_jax import torch_weights as tw
-except ImportError:  # pragma: no cover
-  from avs_jax import convert as tw
+from avs_jax import torch_weights as tw
 
 ConversionError = tw.ConversionError
 load_state_dict = tw.load_state_dict
@@ -229,12 +226,7 @@ def main(argv=None):
       print(f'wrote {len(sd)} tensors (step {step}) to {args.out}')
     else:
       variables = torch_to_flax(load_state_dict(args.src), config.model)
-      if hasattr(ckpt_lib, 'save_variables'):
-        out = ckpt_lib.save_variables(variables, args.out)
-      else:  # before the lead's refactor
-        from avs_jax import convert  # pylint: disable=g-import-not-at-top
-
-        out = convert.save_checkpoint(variables, args.out)
+      out = ckpt_lib.save_variables(variables, args.out)
       print(f'wrote {out} ({config.model.backbone})')
   except (ConversionError, FileNotFoundError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
