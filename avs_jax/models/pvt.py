@@ -8,6 +8,7 @@ import dataclasses
 from typing import Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -70,14 +71,86 @@ class Attention(nn.Module):
     return _dense(c, self.dtype, 'proj')(y)
 
 
+def _dw_native(x, k):
+  """Depthwise 3x3 conv, stride 1, padding 1: `x [N, H, W, C]`, `k [3, 3, 1, C]`."""
+  return jax.lax.conv_general_dilated(
+      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1])
+
+
+def _dw_taps(x):
+  """The 9 shifted `[N, H, W, C]` views of `x` zero-padded by 1, (i, j) order."""
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return [xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
+
+
+def _dw_shift(x, k):
+  """`_dw_native` as 9 shifted multiply-adds, in at least float32."""
+  f32 = jnp.promote_types(x.dtype, jnp.float32)
+  k = k.astype(f32)
+  y = sum(s.astype(f32) * k[t // 3, t % 3, 0] for t, s in enumerate(_dw_taps(x)))
+  return y.astype(x.dtype)
+
+
+@jax.custom_vjp
+def _dw_cpu(x, k):
+  return _dw_shift(x, k)
+
+
+def _dw_cpu_fwd(x, k):
+  return _dw_shift(x, k), (x, k)
+
+
+def _dw_cpu_bwd(res, g):
+  x, k = res
+  n, h, w, c = x.shape
+  f32 = jnp.promote_types(x.dtype, jnp.float32)
+  dx = _dw_shift(g, k[::-1, ::-1])  # correlation with the flipped kernel
+  # dk[i, j] = sum over pixels of tap (i, j) * g: a GEMV with ones, which
+  # XLA:CPU runs as a fast dot (its reductions and grouped convs are slow).
+  ones = jnp.ones((n * h * w,), f32)
+  gf = g.astype(f32)
+  dk = jnp.stack([ones @ (s.astype(f32) * gf).reshape(-1, c)
+                  for s in _dw_taps(x)])
+  return dx, dk.reshape(k.shape).astype(k.dtype)
+
+
+_dw_cpu.defvjp(_dw_cpu_fwd, _dw_cpu_bwd)
+
+
+class DepthwiseConv3x3(nn.Module):
+  """`nn.Conv(C, 3, padding=1, feature_group_count=C)`: same parameters.
+
+  XLA:CPU runs grouped convolutions (and their gradients) an order of
+  magnitude slower than their FLOPs warrant, so on CPU the conv is computed
+  as 9 shifted multiply-adds with a custom gradient (equal in exact
+  arithmetic); other platforms lower the native conv
+  (`jax.lax.platform_dependent`, resolved when lowering). The gradient is
+  batch-separable: with the batch split over 4 devices it matches 1 device
+  to 3.5e-6 relative in float32 (the native conv: 4.2e-6) and to 7e-8 with
+  the model in float64 (docs/PERFORMANCE.md).
+  """
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (3, 3, 1, c),
+                        jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = jax.lax.platform_dependent(x, kernel, cpu=_dw_cpu, default=_dw_native)
+    return y + bias.astype(self.dtype)
+
+
 class DWConv(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, h, w):
     n, l, c = x.shape
-    x = conv(c, 3, 1, 1, groups=c, dtype=self.dtype, name='dwconv')(
-        x.reshape(n, h, w, c))
+    x = DepthwiseConv3x3(self.dtype, name='dwconv')(x.reshape(n, h, w, c))
     return x.reshape(n, l, c)
 
 
