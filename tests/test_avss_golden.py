@@ -40,7 +40,7 @@ def rel(ours, ref):
   return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1)  # one model's variables in memory at a time
 def load(name):
   d = dict(np.load(os.path.join(GOLDEN, name)))
   cfg = json.loads(str(d['config']))
