@@ -307,14 +307,14 @@ class JaxStep:
     vggish = build_vggish(postprocess=False)
     optimizer, _ = train.make_optimizer(config.train, total_steps=1000)
     h = w = config.data.image_size
-    variables = jax.jit(lambda: model.init(
-        jax.random.key(config.seed), jnp.zeros((1, 1, h, w, 3)),
-        jnp.zeros((1, 1, 128))))()
     if reference_weights is not None:
       sd, vsd = reference_weights
       variables = tw.torch_to_flax(sd, config.model)
       audio_vars = tw.vggish_torch_to_flax(vsd)
     else:
+      variables = jax.jit(lambda: model.init(
+          jax.random.key(config.seed), jnp.zeros((1, 1, h, w, 3)),
+          jnp.zeros((1, 1, 128))))()
       audio_vars = vggish.init(jax.random.key(12345), jnp.zeros((1, 96, 64)))
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
     self.audio_vars = jax.tree_util.tree_map(jnp.asarray, audio_vars)
