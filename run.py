@@ -70,6 +70,11 @@ USER_ERRORS = (predict.VideoError, torch_weights.ConversionError,
                data.DataError, FileNotFoundError)
 
 
+# A peer process that died, as the survivors see it.
+_PEER_FAILURE = ('Gloo', 'Connection reset', 'unhealthy', 'heartbeat',
+                 'coordination service')
+
+
 def _multi_host():
   if FLAGS.distributed != 'auto':
     return FLAGS.distributed == 'yes'
@@ -155,6 +160,14 @@ def main(argv):
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1 or not any(m in str(e) for m in _PEER_FAILURE):
+      raise
+    first = (str(e).strip().splitlines() or [''])[0][:300]
+    print(f'error: process {jax.process_index()}: another process stopped '
+          f'({first}); relaunch all {jax.process_count()} processes with the '
+          'same command to resume from the last checkpoint', file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == '__main__':
