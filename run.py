@@ -7,6 +7,7 @@ r"""avs_jax entry point: train, evaluate or predict with an ml_collections confi
   python run.py --mode=predict --config=configs/ms3.py \
       --config.predict.video=clip.mp4 --config.predict.restore=workdirs/ms3
 """
+
 import os
 import sys
 
@@ -31,48 +32,88 @@ from avs_jax import torch_weights
 from avs_jax import train
 from avs_jax import utils
 from data_prep import synthetic
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
+
 
 def _env_int(name):
   return int(os.environ[name]) if os.environ.get(name) else None
 
 
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file (configs/*.py).', lock_config=True
+)
 flags.mark_flags_as_required(['config'])
-flags.DEFINE_string('workdir', None, 'Checkpoints, logs and results. Default: '
-                    'workdirs/<config file name>.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'],
-                  'train (then test the best checkpoint), eval, or predict.')
-flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
-                  'Call jax.distributed.initialize() (several processes; '
-                  'auto: with --coordinator_address or when a TPU pod / SLURM '
-                  'environment is detected).')
-flags.DEFINE_string('coordinator_address',
-                    os.environ.get('JAX_COORDINATOR_ADDRESS'),
-                    'host:port of process 0, the same for every process (env '
-                    'JAX_COORDINATOR_ADDRESS). Not needed on TPU pods / SLURM.')
-flags.DEFINE_integer('num_processes', _env_int('JAX_NUM_PROCESSES'),
-                     'Number of processes (env JAX_NUM_PROCESSES).')
-flags.DEFINE_integer('process_id', _env_int('JAX_PROCESS_ID'),
-                     'This process, 0 .. num_processes-1 (env JAX_PROCESS_ID).')
-flags.DEFINE_integer('heartbeat_timeout', 100,
-                     'Seconds without a heartbeat after which a process counts '
-                     'as dead and the others stop with an error.')
+flags.DEFINE_string(
+    'workdir',
+    None,
+    'Checkpoints, logs and results. Default: ' 'workdirs/<config file name>.',
+)
+flags.DEFINE_enum(
+    'mode',
+    'train',
+    ['train', 'eval', 'predict'],
+    'train (then test the best checkpoint), eval, or predict.',
+)
+flags.DEFINE_enum(
+    'distributed',
+    'auto',
+    ['auto', 'yes', 'no'],
+    'Call jax.distributed.initialize() (several processes; '
+    'auto: with --coordinator_address or when a TPU pod / SLURM '
+    'environment is detected).',
+)
+flags.DEFINE_string(
+    'coordinator_address',
+    os.environ.get('JAX_COORDINATOR_ADDRESS'),
+    'host:port of process 0, the same for every process (env '
+    'JAX_COORDINATOR_ADDRESS). Not needed on TPU pods / SLURM.',
+)
+flags.DEFINE_integer(
+    'num_processes',
+    _env_int('JAX_NUM_PROCESSES'),
+    'Number of processes (env JAX_NUM_PROCESSES).',
+)
+flags.DEFINE_integer(
+    'process_id',
+    _env_int('JAX_PROCESS_ID'),
+    'This process, 0 .. num_processes-1 (env JAX_PROCESS_ID).',
+)
+flags.DEFINE_integer(
+    'heartbeat_timeout',
+    100,
+    'Seconds without a heartbeat after which a process counts '
+    'as dead and the others stop with an error.',
+)
 FLAGS = flags.FLAGS
 
-_CLUSTER_ENV = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
-                'JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS')
+_CLUSTER_ENV = (
+    'TPU_WORKER_HOSTNAMES',
+    'MEGASCALE_COORDINATOR_ADDRESS',
+    'JAX_COORDINATOR_ADDRESS',
+    'SLURM_NTASKS',
+)
 # Bad input: one clear line, no traceback. Other errors keep theirs.
-USER_ERRORS = (predict.VideoError, torch_weights.ConversionError,
-               synthetic.SyntheticDataError, audio.AudioLoadError,
-               checkpoint.CheckpointError, runtime.ConfigError,
-               data.DataError, FileNotFoundError)
+USER_ERRORS = (
+    predict.VideoError,
+    torch_weights.ConversionError,
+    synthetic.SyntheticDataError,
+    audio.AudioLoadError,
+    checkpoint.CheckpointError,
+    runtime.ConfigError,
+    data.DataError,
+    FileNotFoundError,
+)
 
 
 # A peer process that died, as the survivors see it.
-_PEER_FAILURE = ('Gloo', 'Connection reset', 'unhealthy', 'heartbeat',
-                 'coordination service')
+_PEER_FAILURE = (
+    'Gloo',
+    'Connection reset',
+    'unhealthy',
+    'heartbeat',
+    'coordination service',
+)
 
 
 def _multi_host():
@@ -80,9 +121,11 @@ def _multi_host():
     return FLAGS.distributed == 'yes'
   if FLAGS.coordinator_address or FLAGS.num_processes:
     return True
-  return any(len(os.environ.get(k, '').split(',')) > 1 or
-             (k != 'TPU_WORKER_HOSTNAMES' and os.environ.get(k))
-             for k in _CLUSTER_ENV)
+  return any(
+      len(os.environ.get(k, '').split(',')) > 1
+      or (k != 'TPU_WORKER_HOSTNAMES' and os.environ.get(k))
+      for k in _CLUSTER_ENV
+  )
 
 
 def load_config():
@@ -92,18 +135,24 @@ def load_config():
     return FLAGS.config
   except AttributeError as e:  # an override of a field that does not exist
     key = str(e).strip('"\'')
-    given = [a.split('=')[0] for a in sys.argv[1:]
-             if a.startswith('--config.') and key in a.split('=')[0]]
+    given = [
+        a.split('=')[0]
+        for a in sys.argv[1:]
+        if a.startswith('--config.') and key in a.split('=')[0]
+    ]
     raise runtime.ConfigError(
         f'{" ".join(given) or key}: no such field in {path} (the fields are '
-        'in configs/common.py)') from e
+        'in configs/common.py)'
+    ) from e
   except (OSError, ImportError, SyntaxError) as e:
     last = str(e).strip().splitlines()[-1].strip()
-    raise runtime.ConfigError(f'--config={path}: cannot load it ({last})') \
-        from e
+    raise runtime.ConfigError(
+        f'--config={path}: cannot load it ({last})'
+    ) from e
   except (ValueError, TypeError) as e:  # an override of the wrong type
-    raise runtime.ConfigError(f'a --config override does not fit its field: '
-                              f'{e}') from e
+    raise runtime.ConfigError(
+        f'a --config override does not fit its field: ' f'{e}'
+    ) from e
 
 
 def check_workdir(workdir):
@@ -117,7 +166,8 @@ def check_workdir(workdir):
   except OSError as e:
     raise runtime.ConfigError(
         f'--workdir={workdir} is not writable ({e.strerror}); choose another '
-        'with --workdir=DIR') from e
+        'with --workdir=DIR'
+    ) from e
 
 
 def run(config, workdir, mode):
@@ -134,8 +184,9 @@ def run(config, workdir, mode):
     if results is not None and config.data.synthetic.enabled:
       evaluate.report(config, workdir, results)
   elif mode == 'eval':
-    evaluate.evaluate_checkpoint(config, workdir,
-                                 config.eval.restore or workdir)
+    evaluate.evaluate_checkpoint(
+        config, workdir, config.eval.restore or workdir
+    )
   else:
     predict.predict_video(config, workdir)
 
@@ -147,16 +198,23 @@ def main(argv):
   if _multi_host():
     try:
       runtime.initialize_distributed(
-          FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-          heartbeat_timeout=FLAGS.heartbeat_timeout)
+          FLAGS.coordinator_address,
+          FLAGS.num_processes,
+          FLAGS.process_id,
+          heartbeat_timeout=FLAGS.heartbeat_timeout,
+      )
     except ValueError as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
-  name = os.path.splitext(os.path.basename(
-      config_flags.get_config_filename(FLAGS['config'])))[0]
+  name = os.path.splitext(
+      os.path.basename(config_flags.get_config_filename(FLAGS['config']))
+  )[0]
   try:
-    run(load_config(), FLAGS.workdir or os.path.join('workdirs', name),
-        FLAGS.mode)
+    run(
+        load_config(),
+        FLAGS.workdir or os.path.join('workdirs', name),
+        FLAGS.mode,
+    )
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -164,9 +222,12 @@ def main(argv):
     if jax.process_count() == 1 or not any(m in str(e) for m in _PEER_FAILURE):
       raise
     first = (str(e).strip().splitlines() or [''])[0][:300]
-    print(f'error: process {jax.process_index()}: another process stopped '
-          f'({first}); relaunch all {jax.process_count()} processes with the '
-          'same command to resume from the last checkpoint', file=sys.stderr)
+    print(
+        f'error: process {jax.process_index()}: another process stopped '
+        f'({first}); relaunch all {jax.process_count()} processes with the '
+        'same command to resume from the last checkpoint',
+        file=sys.stderr,
+    )
     sys.exit(3)
 
 

@@ -10,6 +10,7 @@ Files are read and resampled with librosa (its default soxr resampler); the
 reference resampled with resampy, so non-16 kHz audio differs slightly.
 Multi-channel audio is mixed to mono by the channel mean, as the reference does.
 """
+
 import functools
 import os
 
@@ -18,13 +19,13 @@ import librosa
 import numpy as np
 
 SAMPLE_RATE = 16000
-WINDOW = 400           # 25 ms
-HOP = 160              # 10 ms
+WINDOW = 400  # 25 ms
+HOP = 160  # 10 ms
 FFT_LENGTH = 512
 NUM_BANDS = 64
 MEL_MIN_HZ, MEL_MAX_HZ = 125.0, 7500.0
 LOG_OFFSET = 0.01
-EXAMPLE_FRAMES = 96    # 0.96 s
+EXAMPLE_FRAMES = 96  # 0.96 s
 # Fewest samples that make one example: 96 frames of 400 with a hop of 160.
 MIN_SAMPLES = WINDOW + (EXAMPLE_FRAMES - 1) * HOP
 
@@ -50,8 +51,13 @@ def hertz_to_mel(hz):
 
 
 @functools.lru_cache(maxsize=None)
-def mel_matrix(num_bands=NUM_BANDS, num_bins=FFT_LENGTH // 2 + 1,
-               sample_rate=SAMPLE_RATE, lo=MEL_MIN_HZ, hi=MEL_MAX_HZ):
+def mel_matrix(
+    num_bands=NUM_BANDS,
+    num_bins=FFT_LENGTH // 2 + 1,
+    sample_rate=SAMPLE_RATE,
+    lo=MEL_MIN_HZ,
+    hi=MEL_MAX_HZ,
+):
   """`[num_bins, num_bands]` triangular HTK-mel weights, DC row zeroed."""
   bins_mel = hertz_to_mel(np.linspace(0.0, sample_rate / 2, num_bins))
   edges = np.linspace(hertz_to_mel(lo), hertz_to_mel(hi), num_bands + 2)
@@ -109,7 +115,8 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
     y, _ = librosa.load(path, sr=sample_rate, mono=True)
   except Exception as e:  # soundfile, audioread and librosa all differ.
     raise AudioLoadError(
-        f'cannot read audio {path!r}: {type(e).__name__}: {e}') from e
+        f'cannot read audio {path!r}: {type(e).__name__}: {e}'
+    ) from e
   return np.asarray(y, np.float32)
 
 
@@ -131,7 +138,8 @@ def clip_examples(path_or_samples, num_seconds=5, sample_rate=SAMPLE_RATE):
   if ex.shape[0] == 0:
     raise AudioLoadError(
         f'audio {name} is shorter than one VGGish example (0.96 s, '
-        f'{MIN_SAMPLES} samples at 16 kHz)')
+        f'{MIN_SAMPLES} samples at 16 kHz)'
+    )
   ex = ex[:num_seconds]
   if ex.shape[0] < num_seconds:
     pad = np.repeat(ex[-1:], num_seconds - ex.shape[0], axis=0)
@@ -153,8 +161,10 @@ def log_mel_examples_jax(samples):
   idx = np.arange(num_frames)[:, None] * HOP + np.arange(WINDOW)[None, :]
   frames = samples[..., idx] * jnp.asarray(periodic_hann(WINDOW), jnp.float32)
   spec = jnp.abs(jnp.fft.rfft(frames, FFT_LENGTH))
-  mel = jnp.matmul(spec, jnp.asarray(mel_matrix(), jnp.float32),
-                   precision='highest')
+  mel = jnp.matmul(
+      spec, jnp.asarray(mel_matrix(), jnp.float32), precision='highest'
+  )
   out = jnp.log(mel + LOG_OFFSET)
-  return out.reshape(samples.shape[:-1] + (num_examples, EXAMPLE_FRAMES,
-                                           NUM_BANDS))
+  return out.reshape(
+      samples.shape[:-1] + (num_examples, EXAMPLE_FRAMES, NUM_BANDS)
+  )

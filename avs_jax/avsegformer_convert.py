@@ -172,6 +172,8 @@ def flax_to_torch(
 
 
 def main(argv=None):
+  # long: argument handling; to move onto avs_jax.convert's config_flags
+  # command line when AVSegFormer joins run.py (issue 13).
   import argparse  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top

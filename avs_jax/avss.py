@@ -13,6 +13,7 @@ ones except that `tpavi_b*.align_channel` has no bias and `output_conv.4` has
 71 output channels; `torch_to_flax` / `flax_to_torch` here infer those from
 the keys and go through the generic mapping.
 """
+
 from typing import Any, Dict, Mapping, Optional
 
 import ml_collections
@@ -33,15 +34,19 @@ def temporal_masks(subset: str):
   annotated; v1m 5 frames, all annotated; v2 10 frames, all annotated.
   """
   if subset == 'v1s':
-    return (np.array([1] * 5 + [0] * 5, np.float32),
-            np.array([1] + [0] * 9, np.float32))
+    return (
+        np.array([1] * 5 + [0] * 5, np.float32),
+        np.array([1] + [0] * 9, np.float32),
+    )
   if subset == 'v1m':
     m = np.array([1] * 5 + [0] * 5, np.float32)
     return m, m.copy()
   if subset == 'v2':
     return np.ones(10, np.float32), np.ones(10, np.float32)
-  raise ValueError(f'unknown AVSBench-semantic subset {subset!r}; expected '
-                   f'one of {SUBSETS}')
+  raise ValueError(
+      f'unknown AVSBench-semantic subset {subset!r}; expected '
+      f'one of {SUBSETS}'
+  )
 
 
 def palette(num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -58,8 +63,9 @@ def palette(num_classes: int = NUM_CLASSES) -> np.ndarray:
   return pal.astype(np.uint8)
 
 
-def color_to_label(rgb: np.ndarray, pal: Optional[np.ndarray] = None,
-                   strict: bool = False) -> np.ndarray:
+def color_to_label(
+    rgb: np.ndarray, pal: Optional[np.ndarray] = None, strict: bool = False
+) -> np.ndarray:
   """[H, W, 3] colour label image -> [H, W] int32 class indices.
 
   As the reference (`color_mask_to_label`), a colour that is not in the
@@ -69,8 +75,11 @@ def color_to_label(rgb: np.ndarray, pal: Optional[np.ndarray] = None,
   rgb = np.asarray(rgb)
   if rgb.ndim != 3 or rgb.shape[-1] != 3:
     raise ValueError(f'a colour label must be [H, W, 3], got {rgb.shape}')
-  code = lambda x: (x[..., 0].astype(np.int64) << 16) | \
-      (x[..., 1].astype(np.int64) << 8) | x[..., 2].astype(np.int64)
+  code = (
+      lambda x: (x[..., 0].astype(np.int64) << 16)
+      | (x[..., 1].astype(np.int64) << 8)
+      | x[..., 2].astype(np.int64)
+  )
   keys = code(pal)
   order = np.argsort(keys)
   c = code(rgb)
@@ -78,8 +87,10 @@ def color_to_label(rgb: np.ndarray, pal: Optional[np.ndarray] = None,
   hit = keys[order][pos] == c
   if strict and not hit.all():
     bad = np.unique(rgb[~hit].reshape(-1, 3), axis=0)[:5]
-    raise ValueError(f'{int((~hit).sum())} pixels have colours outside the '
-                     f'{len(pal)}-class palette, e.g. {bad.tolist()}')
+    raise ValueError(
+        f'{int((~hit).sum())} pixels have colours outside the '
+        f'{len(pal)}-class palette, e.g. {bad.tolist()}'
+    )
   return np.where(hit, order[pos], BACKGROUND).astype(np.int32)
 
 
@@ -99,29 +110,52 @@ def model_config_from_state_dict(sd: Mapping[str, Any]):
   """
   sd = _tw.strip_module_prefix(sd)
   if 'output_conv.4.weight' not in sd:
-    raise ValueError('not an AVS/AVSS checkpoint: no output_conv.4.weight '
-                     f'(first keys: {sorted(sd)[:5]})')
+    raise ValueError(
+        'not an AVS/AVSS checkpoint: no output_conv.4.weight '
+        f'(first keys: {sorted(sd)[:5]})'
+    )
   if any(k.startswith('resnet.') for k in sd):
     backbone = 'resnet50'
   elif any(k.startswith('encoder_backbone.') for k in sd):
-    depth3 = len({k.split('.')[2] for k in sd
-                  if k.startswith('encoder_backbone.block3.')})
-    backbone = {2: 'pvt_v2_b0', 4: 'pvt_v2_b1', 6: 'pvt_v2_b2',
-                18: 'pvt_v2_b3', 27: 'pvt_v2_b4', 40: 'pvt_v2_b5'}.get(depth3)
+    depth3 = len(
+        {
+            k.split('.')[2]
+            for k in sd
+            if k.startswith('encoder_backbone.block3.')
+        }
+    )
+    backbone = {
+        2: 'pvt_v2_b0',
+        4: 'pvt_v2_b1',
+        6: 'pvt_v2_b2',
+        18: 'pvt_v2_b3',
+        27: 'pvt_v2_b4',
+        40: 'pvt_v2_b5',
+    }.get(depth3)
     if backbone is None:
       raise ValueError(f'unknown PVT-v2 depth: {depth3} blocks in stage 3')
   else:
     raise ValueError('no encoder keys (resnet.* or encoder_backbone.*)')
-  stages = sorted(int(k[len('tpavi_b')]) - 1 for k in sd
-                  if k.startswith('tpavi_b') and k.endswith('.g.weight'))
+  stages = sorted(
+      int(k[len('tpavi_b')]) - 1
+      for k in sd
+      if k.startswith('tpavi_b') and k.endswith('.g.weight')
+  )
   num_classes = int(np.shape(sd['output_conv.4.weight'])[0])
-  return ml_collections.ConfigDict(dict(
-      backbone=backbone, channels=int(np.shape(sd['conv1.conv2d_list.0.weight'])[0]),
-      head_channels=int(np.shape(sd['output_conv.0.weight'])[0]),
-      tpavi_stages=tuple(stages), tpavi_mode='dot', tpavi_vv=False,
-      tpavi_va=True, num_classes=num_classes,
-      align_bias=any(k.endswith('align_channel.bias') for k in sd),
-      tpavi_group=5 if num_classes > 1 else 0))
+  return ml_collections.ConfigDict(
+      dict(
+          backbone=backbone,
+          channels=int(np.shape(sd['conv1.conv2d_list.0.weight'])[0]),
+          head_channels=int(np.shape(sd['output_conv.0.weight'])[0]),
+          tpavi_stages=tuple(stages),
+          tpavi_mode='dot',
+          tpavi_vv=False,
+          tpavi_va=True,
+          num_classes=num_classes,
+          align_bias=any(k.endswith('align_channel.bias') for k in sd),
+          tpavi_group=5 if num_classes > 1 else 0,
+      )
+  )
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], model_config=None):
@@ -133,7 +167,9 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config=None):
   return _tw.torch_to_flax(state_dict, model_config)
 
 
-def flax_to_torch(variables: Mapping[str, Any], model_config) -> Dict[str, np.ndarray]:
+def flax_to_torch(
+    variables: Mapping[str, Any], model_config
+) -> Dict[str, np.ndarray]:
   """Flax variables -> a state dict the reference AVSS `Pred_endecoder`
   loads with `strict=True`."""
   return _tw.flax_to_torch(variables, model_config)

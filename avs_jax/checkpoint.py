@@ -5,6 +5,7 @@ Layout: `WORKDIR/checkpoints/<step>/{state,data}`. `state` holds
 each process. A checkpoint written by `python -m avs_jax.convert` has the same
 `state` item (no optimizer state, no `data`), so `--mode eval` restores both.
 """
+
 import os
 import re
 import sys
@@ -42,40 +43,56 @@ def set_aside(mngr, step, why):
       n += 1
       dst = f'{src}.damaged{n}'
     os.rename(src, dst)
-    print(f'warning: checkpoint step {step} ({src}) is damaged ({why}); '
-          f'moved to {dst}, using the previous one', file=sys.stderr,
-          flush=True)
+    print(
+        f'warning: checkpoint step {step} ({src}) is damaged ({why}); '
+        f'moved to {dst}, using the previous one',
+        file=sys.stderr,
+        flush=True,
+    )
   utils.barrier(f'set aside {step}')
   mngr.reload()
 
 
 def manager(directory, keep=2, async_save=True) -> ocp.CheckpointManager:
   """Keeps the last `keep` checkpoints and the best by validation J."""
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-      ocp.checkpoint_managers.LatestN(n=keep),
-      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC],
-                                    n=1, keep_checkpoints_without_metrics=False),
-  ])
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+      [
+          ocp.checkpoint_managers.LatestN(n=keep),
+          ocp.checkpoint_managers.BestN(
+              get_metric_fn=lambda m: m[BEST_METRIC],
+              n=1,
+              keep_checkpoints_without_metrics=False,
+          ),
+      ]
+  )
   # best_fn is what makes the manager write the metrics to disk (without it
   # they live in memory only and `best_step` of a reloaded run sees none).
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, enable_async_checkpointing=async_save,
-      best_fn=lambda m: m[BEST_METRIC], best_mode='max', create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_handlers=_handlers())
+      preservation_policy=policy,
+      enable_async_checkpointing=async_save,
+      best_fn=lambda m: m[BEST_METRIC],
+      best_mode='max',
+      create=True,
+  )
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), options=options, item_handlers=_handlers()
+  )
 
 
 def _handlers():
-  return {'state': ocp.StandardCheckpointHandler(),
-          'data': grain.checkpoint.CheckpointHandler()}
+  return {
+      'state': ocp.StandardCheckpointHandler(),
+      'data': grain.checkpoint.CheckpointHandler(),
+  }
 
 
 def save(mngr, step, state, data_iter=None, metrics=None, force=False):
   items = {'state': ocp.args.StandardSave(state)}
   if data_iter is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-  return mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-                   force=force)
+  return mngr.save(
+      step, args=ocp.args.Composite(**items), metrics=metrics, force=force
+  )
 
 
 def best_step(mngr):
@@ -94,19 +111,29 @@ def check_fits(mngr, step, abstract_state):
   meta = getattr(meta, 'tree', meta)
 
   def shapes(tree):  # the model's variables (the optimizer state follows)
-    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-            jax.tree_util.tree_leaves_with_path(
-                {c: tree[c] for c in ('params', 'batch_stats')})}
+    return {
+        jax.tree_util.keystr(k): tuple(v.shape)
+        for k, v in jax.tree_util.tree_leaves_with_path(
+            {c: tree[c] for c in ('params', 'batch_stats')}
+        )
+    }
+
   saved, want = shapes(meta), shapes(abstract_state)
   if saved == want:
     return
-  diff = sorted(set(saved) ^ set(want))[:3] + [
-      f'{k}: saved {saved[k]}, model {want[k]}' for k in sorted(
-          set(saved) & set(want)) if saved[k] != want[k]][:3]
+  diff = (
+      sorted(set(saved) ^ set(want))[:3]
+      + [
+          f'{k}: saved {saved[k]}, model {want[k]}'
+          for k in sorted(set(saved) & set(want))
+          if saved[k] != want[k]
+      ][:3]
+  )
   raise CheckpointError(
       f'{os.path.join(str(mngr.directory), str(step))} does not fit the model '
       f'of this config (another model size or backbone?): {"; ".join(diff)}. '
-      'Use the config it was trained with, or another workdir.')
+      'Use the config it was trained with, or another workdir.'
+  )
 
 
 def restore(mngr, step, abstract_state, data_iter=None):
@@ -126,7 +153,8 @@ def resolve(path):
   """`DIR` (a checkpoints dir, latest/best step) or `DIR/STEP` -> (dir, step)."""
   path = os.path.abspath(path.rstrip('/'))
   if re.fullmatch(r'\d+', os.path.basename(path)) and os.path.isdir(
-      os.path.join(path, 'state')):
+      os.path.join(path, 'state')
+  ):
     return os.path.dirname(path), int(os.path.basename(path))
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     path = os.path.join(path, 'checkpoints')
@@ -157,20 +185,24 @@ def load_state(path):
   # processes or devices -> M): a global array that every process reads.
   replicated = jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.asarray(jax.devices()), ('data',)),
-      jax.sharding.PartitionSpec())
+      jax.sharding.PartitionSpec(),
+  )
   with ocp.CheckpointManager(directory, item_handlers=_handlers()) as mngr:
     try:
       meta = mngr.item_metadata(step)['state']
       target = jax.tree_util.tree_map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-          getattr(meta, 'tree', meta))
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))
+          getattr(meta, 'tree', meta),
+      )
+      restored = mngr.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+      )
     except Exception as e:  # pylint: disable=broad-except  # any damage
       raise CheckpointError(
           f'{os.path.join(directory, str(step))}: damaged checkpoint, cannot '
           f'be read ({reason(e)}); use another step '
-          f'(DIR/STEP)') from e
+          f'(DIR/STEP)'
+      ) from e
   return restored['state'], step
 
 
@@ -179,12 +211,17 @@ def save_variables(variables, out_dir, step=0):
 
   Returns the step's directory. What `python -m avs_jax.convert` writes.
   """
-  state = {'step': np.asarray(step, np.int32),
-           'params': variables['params'],
-           'batch_stats': variables.get('batch_stats', {})}
+  state = {
+      'step': np.asarray(step, np.int32),
+      'params': variables['params'],
+      'batch_stats': variables.get('batch_stats', {}),
+  }
   mngr = manager(out_dir, keep=1, async_save=False)
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-            force=True)
+  mngr.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+      force=True,
+  )
   mngr.wait_until_finished()
   mngr.close()
   return os.path.join(os.path.abspath(out_dir), str(step))
@@ -193,6 +230,8 @@ def save_variables(variables, out_dir, step=0):
 def abstract(tree, sharding=None):
   """`ShapeDtypeStruct`s of `tree` (optionally all with one sharding)."""
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=sharding or getattr(
-                                         x, 'sharding', None)), tree)
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=sharding or getattr(x, 'sharding', None)
+      ),
+      tree,
+  )

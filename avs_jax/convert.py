@@ -11,6 +11,7 @@ The config (loaded like `run.py` loads it, `--config.model.x=y` overrides
 included) gives the model the checkpoint must fit. The mapping itself is
 `avs_jax.torch_weights`.
 """
+
 import sys
 
 from absl import app
@@ -22,12 +23,23 @@ from avs_jax import checkpoint as ckpt_lib
 from avs_jax import torch_weights
 
 config_flags.DEFINE_config_file(
-    'config', None, 'Config file whose `model` matches the checkpoint.',
-    lock_config=True)
-flags.DEFINE_string('src', None, 'Checkpoint to convert: .pth/.npz/'
-                    '.safetensors, or with --to_torch an Orbax checkpoint.')
-flags.DEFINE_string('out', None, 'Output: an Orbax checkpoint directory, or '
-                    'with --to_torch a .pth/.npz file.')
+    'config',
+    None,
+    'Config file whose `model` matches the checkpoint.',
+    lock_config=True,
+)
+flags.DEFINE_string(
+    'src',
+    None,
+    'Checkpoint to convert: .pth/.npz/'
+    '.safetensors, or with --to_torch an Orbax checkpoint.',
+)
+flags.DEFINE_string(
+    'out',
+    None,
+    'Output: an Orbax checkpoint directory, or '
+    'with --to_torch a .pth/.npz file.',
+)
 flags.DEFINE_bool('to_torch', False, 'Orbax checkpoint -> PyTorch state dict.')
 flags.mark_flags_as_required(['config', 'src', 'out'])
 FLAGS = flags.FLAGS
@@ -40,7 +52,8 @@ def to_orbax(src, out, model_config):
   if kind != 'avs':
     raise torch_weights.ConversionError(
         f'{src} is an ImageNet backbone checkpoint ({kind}): use it as '
-        '--config.train.init_backbone, not as an eval checkpoint')
+        '--config.train.init_backbone, not as an eval checkpoint'
+    )
   variables = torch_weights.torch_to_flax(sd, model_config)
   return ckpt_lib.save_variables(variables, out)
 
@@ -53,8 +66,8 @@ def to_torch(src, out, model_config):
     np.savez(out, **sd)
   else:
     import torch  # pylint: disable=g-import-not-at-top  # optional dependency
-    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
-               out)
+
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, out)
   return len(sd), step
 
 
@@ -67,8 +80,10 @@ def main(argv):
       print(f'wrote {n} tensors (step {step}) to {FLAGS.out}')
     else:
       out = to_orbax(FLAGS.src, FLAGS.out, config.model)
-      print(f'wrote {out} ({config.model.backbone}); evaluate it with '
-            f'--mode=eval --config.eval.restore={FLAGS.out}')
+      print(
+          f'wrote {out} ({config.model.backbone}); evaluate it with '
+          f'--mode=eval --config.eval.restore={FLAGS.out}'
+      )
   except (torch_weights.ConversionError, FileNotFoundError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

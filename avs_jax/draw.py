@@ -1,4 +1,5 @@
 """Pictures: frames back to RGB, mask overlays, training curves, clip grids."""
+
 import json
 import os
 
@@ -65,8 +66,11 @@ def clip_grid(frames, truth, pred, ids, path):
   axes = fig.subplots(3 * n, t, squeeze=False)
   for c in range(n):
     for j in range(t):
-      rows = (frames[c, j], 'frame'), (truth[c, j], 'truth'), (
-          pred[c, j], 'prediction')
+      rows = (
+          (frames[c, j], 'frame'),
+          (truth[c, j], 'truth'),
+          (pred[c, j], 'prediction'),
+      )
       for r, (img, label) in enumerate(rows):
         ax = axes[3 * c + r, j]
         if img.ndim == 2:

@@ -6,6 +6,7 @@ the split (the next valid clip of the batch, or the previous batch's when a
 batch holds one clip); 'silent' feeds the log-mel of a zero waveform
 (`log(0 + 0.01)` in every bin).
 """
+
 import functools
 import json
 import os
@@ -44,8 +45,9 @@ def break_audio(log_mel, valid, mode, previous=None):
 
 def eval_step(variables, audio_vars, batch, *, model, vggish):
   """Metrics of one global batch (`metrics.clip_metrics`) and its logits."""
-  out = runtime.forward(model, vggish, variables, audio_vars, batch['frames'],
-                        batch['log_mel'])
+  out = runtime.forward(
+      model, vggish, variables, audio_vars, batch['frames'], batch['log_mel']
+  )
   m = metrics_lib.clip_metrics(out['logits'], batch['masks'], batch['valid'])
   return m, out['logits']
 
@@ -57,24 +59,35 @@ class Evaluator:
     self.config = config
     self.audio_vars = audio_vars
     self.sharding = runtime.batch_sharding(mesh)
-    self.step = utils.CompileThenMeet(jax.jit(
-        functools.partial(eval_step, model=model, vggish=vggish),
-        out_shardings=(runtime.replicated(mesh), self.sharding)), 'eval step')
+    self.step = utils.CompileThenMeet(
+        jax.jit(
+            functools.partial(eval_step, model=model, vggish=vggish),
+            out_shardings=(runtime.replicated(mesh), self.sharding),
+        ),
+        'eval step',
+    )
 
-  def run(self, variables, setting, split, *, audio='true', out_dir=None,
-          desc=''):
+  def run(
+      self, variables, setting, split, *, audio='true', out_dir=None, desc=''
+  ):
     """Metrics of `split` (dict of `summarize`); optional PNGs to `out_dir`."""
     c = self.config
     bs, nproc = c.eval.batch_size, jax.process_count()
     if bs % jax.device_count():
-      raise ValueError(f'eval.batch_size={bs} must be a multiple of the '
-                       f'device count {jax.device_count()}')
-    ds = data_lib.eval_dataset(c.data.dir, setting, split,
-                               batch_size=bs // nproc,
-                               image_size=c.data.image_size,
-                               num_workers=c.data.num_workers,
-                               process_index=jax.process_index(),
-                               process_count=nproc)
+      raise ValueError(
+          f'eval.batch_size={bs} must be a multiple of the '
+          f'device count {jax.device_count()}'
+      )
+    ds = data_lib.eval_dataset(
+        c.data.dir,
+        setting,
+        split,
+        batch_size=bs // nproc,
+        image_size=c.data.image_size,
+        num_workers=c.data.num_workers,
+        process_index=jax.process_index(),
+        process_count=nproc,
+    )
     total = -(-data_lib.num_examples(c.data.dir, setting, split) // bs)
     acc, previous = None, None
     for host in utils.progress(total, 0, desc or f'eval {split}', iterable=ds):
@@ -113,15 +126,18 @@ def save_pngs(out_dir, host, pred, ec):
     for t in range(pred.shape[1]):
       if ec.save_masks:
         Image.fromarray(pred[b, t].astype(np.uint8) * 255).save(
-            os.path.join(d, f'{cid}_{t + 1}_mask.png'))
+            os.path.join(d, f'{cid}_{t + 1}_mask.png')
+        )
       if ec.save_overlays:
         Image.fromarray(draw.overlay(frames[b, t], pred[b, t])).save(
-            os.path.join(d, f'{cid}_{t + 1}_overlay.png'))
+            os.path.join(d, f'{cid}_{t + 1}_overlay.png')
+        )
 
 
 def result_name(split, audio):
-  return f'eval_{split}.json' if audio == 'true' else \
-      f'eval_{split}_{audio}.json'
+  return (
+      f'eval_{split}.json' if audio == 'true' else f'eval_{split}_{audio}.json'
+  )
 
 
 def evaluate_checkpoint(config, workdir, path, split=None, audio=None):
@@ -129,21 +145,33 @@ def evaluate_checkpoint(config, workdir, path, split=None, audio=None):
   split = split or config.eval.split
   audio = audio or config.eval.audio
   restored = runtime.Inference(config, path)
-  evaluator = Evaluator(config, restored.model, restored.vggish,
-                        restored.mesh, restored.audio_vars)
+  evaluator = Evaluator(
+      config,
+      restored.model,
+      restored.vggish,
+      restored.mesh,
+      restored.audio_vars,
+  )
   save = config.eval.save_masks or config.eval.save_overlays
   out_dir = os.path.join(workdir, f'predictions_{split}') if save else None
-  res = evaluator.run(restored.variables, config.data.setting, split,
-                      audio=audio, out_dir=out_dir)
+  res = evaluator.run(
+      restored.variables,
+      config.data.setting,
+      split,
+      audio=audio,
+      out_dir=out_dir,
+  )
   res = dict(res, checkpoint_step=int(restored.step), split=split, audio=audio)
   out = os.path.join(workdir, result_name(split, audio))
   if jax.process_index() == 0:
     with open(out, 'w') as f:
       json.dump(res, f, indent=2)
-  utils.log(f'{split} ({audio} audio, step {restored.step}): J '
-            f'{res["miou"]:.4f} F {res["fscore"]:.4f} | per-frame J '
-            f'{res["miou_per_frame"]:.4f} F {res["fscore_per_frame"]:.4f} | '
-            f'{res["num_clips"]} clips -> {out}')
+  utils.log(
+      f'{split} ({audio} audio, step {restored.step}): J '
+      f'{res["miou"]:.4f} F {res["fscore"]:.4f} | per-frame J '
+      f'{res["miou_per_frame"]:.4f} F {res["fscore_per_frame"]:.4f} | '
+      f'{res["num_clips"]} clips -> {out}'
+  )
   return res
 
 
@@ -162,44 +190,71 @@ def report(config, workdir, results):
     res[audio] = evaluate_checkpoint(config, workdir, ckpt, audio=audio)
   grid = _grid_arrays(config, ckpt)
   if jax.process_index() == 0:
-    draw.training_curve(os.path.join(workdir, 'metrics.jsonl'),
-                        os.path.join(workdir, 'training_curve.png'))
+    draw.training_curve(
+        os.path.join(workdir, 'metrics.jsonl'),
+        os.path.join(workdir, 'training_curve.png'),
+    )
     draw.clip_grid(*grid, os.path.join(workdir, 'test_grid.png'))
     with open(os.path.join(workdir, 'report.md'), 'w') as f:
       f.write(report_markdown(config, step, res))
-  utils.log(f'report: {os.path.join(workdir, "report.md")} (J '
-            f'{res["true"]["miou"]:.4f}, shuffled {res["shuffled"]["miou"]:.4f}'
-            f', silent {res["silent"]["miou"]:.4f})')
+  utils.log(
+      f'report: {os.path.join(workdir, "report.md")} (J '
+      f'{res["true"]["miou"]:.4f}, shuffled {res["shuffled"]["miou"]:.4f}'
+      f', silent {res["silent"]["miou"]:.4f})'
+  )
   return res
 
 
 def _grid_arrays(config, ckpt, num_clips=3):
   """Frames, truth, prediction, ids of the split's first clips (host-local)."""
   restored = runtime.Inference(config, ckpt, mesh=runtime.local_mesh())
-  batch = next(iter(data_lib.eval_dataset(
-      config.data.dir, config.data.setting, config.eval.split,
-      batch_size=num_clips, image_size=config.data.image_size)))
+  batch = next(
+      iter(
+          data_lib.eval_dataset(
+              config.data.dir,
+              config.data.setting,
+              config.eval.split,
+              batch_size=num_clips,
+              image_size=config.data.image_size,
+          )
+      )
+  )
   pred = np.asarray(restored.logits(batch['frames'], batch['log_mel'])) > 0
   n = int(np.sum(batch['valid']))
-  return (draw.denormalize(np.asarray(batch['frames']))[:n],
-          batch['masks'][:n], pred[:n], batch['id'][:n])
+  return (
+      draw.denormalize(np.asarray(batch['frames']))[:n],
+      batch['masks'][:n],
+      pred[:n],
+      batch['id'][:n],
+  )
 
 
 def report_markdown(config, step, res):
   """`report.md` of the three evaluations `res[audio]`."""
   drop = res['true']['miou'] - res['shuffled']['miou']
   lines = [
-      f'# avs_jax demo report ({config.data.setting}, synthetic)', '',
+      f'# avs_jax demo report ({config.data.setting}, synthetic)',
+      '',
       f'Best checkpoint: step {step} (by validation J). Test split: '
-      f'{res["true"]["num_clips"]} clips.', '',
+      f'{res["true"]["num_clips"]} clips.',
+      '',
       '| audio | J (mIoU) | F | J per-frame | F per-frame |',
-      '| --- | --- | --- | --- | --- |']
+      '| --- | --- | --- | --- | --- |',
+  ]
   for audio in AUDIO_MODES:
     r = res[audio]
-    lines.append(f'| {audio} | {r["miou"]:.4f} | {r["fscore"]:.4f} | '
-                 f'{r["miou_per_frame"]:.4f} | {r["fscore_per_frame"]:.4f} |')
-  lines += ['', f'J drop with shuffled audio: {drop:.4f} (the model uses sound '
-            'when this is large).', '',
-            '![training curve](training_curve.png)', '',
-            '![test clips: frames, ground truth, prediction](test_grid.png)', '']
+    lines.append(
+        f'| {audio} | {r["miou"]:.4f} | {r["fscore"]:.4f} | '
+        f'{r["miou_per_frame"]:.4f} | {r["fscore_per_frame"]:.4f} |'
+    )
+  lines += [
+      '',
+      f'J drop with shuffled audio: {drop:.4f} (the model uses sound '
+      'when this is large).',
+      '',
+      '![training curve](training_curve.png)',
+      '',
+      '![test clips: frames, ground truth, prediction](test_grid.png)',
+      '',
+  ]
   return '\n'.join(lines)

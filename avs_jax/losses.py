@@ -47,7 +47,9 @@ _LOG_CLAMP = -100.0  # torch.nn.BCELoss clamps log(p), log(1-p) at -100.
 # Adaptive pooling (exact PyTorch bins).
 
 
-def _adaptive_bins(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray]:
+def _adaptive_bins(
+    in_size: int, out_size: int
+) -> Tuple[np.ndarray, np.ndarray]:
   """Static gather indices [out, L] and validity [out, L] of PyTorch's bins.
 
   Bin i covers ``[floor(i * in / out), ceil((i + 1) * in / out))``.
@@ -63,18 +65,20 @@ def _adaptive_bins(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray]
   return idx, valid
 
 
-def _adaptive_pool_axis(x: Array, axis: int, out_size: int, reduce: str) -> Array:
+def _adaptive_pool_axis(
+    x: Array, axis: int, out_size: int, reduce: str
+) -> Array:
   in_size = x.shape[axis]
   axis = axis % x.ndim
   if in_size == out_size:
     return x
   if in_size % out_size == 0:  # plain non-overlapping windows
     k = in_size // out_size
-    x = x.reshape(x.shape[:axis] + (out_size, k) + x.shape[axis + 1:])
+    x = x.reshape(x.shape[:axis] + (out_size, k) + x.shape[axis + 1 :])
     return x.mean(axis + 1) if reduce == 'avg' else x.max(axis + 1)
   idx, valid = _adaptive_bins(in_size, out_size)
   g = jnp.take(x, jnp.asarray(idx.reshape(-1)), axis=axis)
-  g = g.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
+  g = g.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1 :])
   shape = (1,) * axis + valid.shape + (1,) * (x.ndim - axis - 1)
   valid = valid.reshape(shape)
   if reduce == 'avg':
@@ -83,8 +87,9 @@ def _adaptive_pool_axis(x: Array, axis: int, out_size: int, reduce: str) -> Arra
   return g.max(axis + 1)  # padding repeats an in-bin element: max unchanged
 
 
-def adaptive_pool2d(x: Array, output_size: Tuple[int, int],
-                    reduce: str = 'avg') -> Array:
+def adaptive_pool2d(
+    x: Array, output_size: Tuple[int, int], reduce: str = 'avg'
+) -> Array:
   """``nn.AdaptiveAvgPool2d`` / ``AdaptiveMaxPool2d`` over the last two axes.
 
   Args:
@@ -153,9 +158,16 @@ def _pooled_mask(logits: Array, hw: Tuple[int, int], pooling: str) -> Array:
   return jax.nn.sigmoid(m)[..., None]
 
 
-def avm_av_stage(logits: Array, v_map: Array, a_fea: Array, *,
-                 loss: str = 'kl', threshold: bool = False, norm: bool = False,
-                 pooling: str = 'avg') -> Array:
+def avm_av_stage(
+    logits: Array,
+    v_map: Array,
+    a_fea: Array,
+    *,
+    loss: str = 'kl',
+    threshold: bool = False,
+    norm: bool = False,
+    pooling: str = 'avg',
+) -> Array:
   """One stage of Loss_AVM_AV (reference ``A_MaskedV_SimmLoss``).
 
   Args:
@@ -189,9 +201,15 @@ def avm_av_stage(logits: Array, v_map: Array, a_fea: Array, *,
   return _distance_loss(a.reshape(b * t, c), v.reshape(b * t, c), loss)
 
 
-def avm_vv_stage(logits: Array, v_map: Array, a_fea: Array, *,
-                 loss: str = 'kl', norm: bool = False,
-                 pooling: str = 'avg') -> Array:
+def avm_vv_stage(
+    logits: Array,
+    v_map: Array,
+    a_fea: Array,
+    *,
+    loss: str = 'kl',
+    norm: bool = False,
+    pooling: str = 'avg',
+) -> Array:
   """One stage of Loss_AVM_VV (reference ``closer_loss``).
 
   Each frame's masked visual feature is pulled towards that of the frame whose
@@ -224,8 +242,13 @@ def avm_vv_stage(logits: Array, v_map: Array, a_fea: Array, *,
 # Full loss.
 
 
-def bce_loss(logits: Array, masks: Array, *, setting: str,
-             labelled: Optional[Array] = None) -> Array:
+def bce_loss(
+    logits: Array,
+    masks: Array,
+    *,
+    setting: str,
+    labelled: Optional[Array] = None,
+) -> Array:
   """Mean BCE over the supervised frames.
 
   Args:
@@ -252,18 +275,28 @@ def bce_loss(logits: Array, masks: Array, *, setting: str,
   per_frame = per_pixel.mean(axis=(-2, -1))  # [B, T']
   wgt = jnp.broadcast_to(
       labelled.reshape(labelled.shape[0], -1).astype(jnp.float32),
-      per_frame.shape)
+      per_frame.shape,
+  )
   total = wgt.sum()
-  return jnp.where(total > 0, (wgt * per_frame).sum() / jnp.where(
-      total > 0, total, 1.0), 0.0)
+  return jnp.where(
+      total > 0, (wgt * per_frame).sum() / jnp.where(total > 0, total, 1.0), 0.0
+  )
 
 
-def avs_loss(outputs: Mapping[str, Any], masks: Array, *, setting: str,
-             avm_weight: float = 0.0, avm_stages: Sequence[int] = (),
-             avm_loss: str = 'kl', avm_closer: bool = False,
-             avm_threshold: bool = False, avm_norm: bool = False,
-             avm_pooling: str = 'avg',
-             labelled: Optional[Array] = None) -> Tuple[Array, dict]:
+def avs_loss(
+    outputs: Mapping[str, Any],
+    masks: Array,
+    *,
+    setting: str,
+    avm_weight: float = 0.0,
+    avm_stages: Sequence[int] = (),
+    avm_loss: str = 'kl',
+    avm_closer: bool = False,
+    avm_threshold: bool = False,
+    avm_norm: bool = False,
+    avm_pooling: str = 'avg',
+    labelled: Optional[Array] = None,
+) -> Tuple[Array, dict]:
   """AVS training loss: ``bce + avm_weight * avm``.
 
   Args:
@@ -289,13 +322,16 @@ def avs_loss(outputs: Mapping[str, Any], masks: Array, *, setting: str,
   Returns:
     (loss, aux) with scalar ``loss`` and ``aux = {'bce': ..., 'avm': ...}``.
   """
+  # long: one argument and one branch per loss option of the reference.
   if avm_loss not in ('kl', 'euclidean'):
     raise ValueError(f'avm_loss must be "kl" or "euclidean", got {avm_loss!r}')
   if avm_pooling not in ('avg', 'max'):
     raise ValueError(f'avm_pooling must be "avg" or "max", got {avm_pooling!r}')
   if avm_closer and avm_threshold:
-    raise ValueError('avm_threshold does not apply to avm_closer (the '
-                     'reference closer_loss has no thresholding).')
+    raise ValueError(
+        'avm_threshold does not apply to avm_closer (the '
+        'reference closer_loss has no thresholding).'
+    )
   logits = outputs['logits']
   bce = bce_loss(logits, masks, setting=setting, labelled=labelled)
 
@@ -303,19 +339,36 @@ def avs_loss(outputs: Mapping[str, Any], masks: Array, *, setting: str,
   if stages:
     v_maps, a_feas = outputs.get('visual_maps'), outputs.get('audio_features')
     if v_maps is None or a_feas is None:
-      raise ValueError('avm_stages needs outputs["visual_maps"] and '
-                       'outputs["audio_features"] (audio_features is None: '
-                       'the model has no audio-visual TPAVI blocks).')
+      raise ValueError(
+          'avm_stages needs outputs["visual_maps"] and '
+          'outputs["audio_features"] (audio_features is None: '
+          'the model has no audio-visual TPAVI blocks).'
+      )
     per_stage = []
     for s in stages:
       if avm_closer:
-        per_stage.append(avm_vv_stage(logits, v_maps[s], a_feas[s],
-                                      loss=avm_loss, norm=avm_norm,
-                                      pooling=avm_pooling))
+        per_stage.append(
+            avm_vv_stage(
+                logits,
+                v_maps[s],
+                a_feas[s],
+                loss=avm_loss,
+                norm=avm_norm,
+                pooling=avm_pooling,
+            )
+        )
       else:
-        per_stage.append(avm_av_stage(logits, v_maps[s], a_feas[s],
-                                      loss=avm_loss, threshold=avm_threshold,
-                                      norm=avm_norm, pooling=avm_pooling))
+        per_stage.append(
+            avm_av_stage(
+                logits,
+                v_maps[s],
+                a_feas[s],
+                loss=avm_loss,
+                threshold=avm_threshold,
+                norm=avm_norm,
+                pooling=avm_pooling,
+            )
+        )
     avm = sum(per_stage) / len(per_stage)
   else:
     avm = jnp.zeros((), jnp.float32)
@@ -337,9 +390,9 @@ def avs_loss(outputs: Mapping[str, Any], masks: Array, *, setting: str,
 def _masked_frame_mean(per_frame: Array, gt_mask: Array) -> Array:
   wgt = jnp.broadcast_to(gt_mask.astype(jnp.float32), per_frame.shape)
   total = wgt.sum()
-  return jnp.where(total > 0,
-                   (wgt * per_frame).sum() / jnp.where(total > 0, total, 1.0),
-                   0.0)
+  return jnp.where(
+      total > 0, (wgt * per_frame).sum() / jnp.where(total > 0, total, 1.0), 0.0
+  )
 
 
 def avss_ce_loss(logits: Array, labels: Array, gt_mask: Array) -> Array:
@@ -347,15 +400,24 @@ def avss_ce_loss(logits: Array, labels: Array, gt_mask: Array) -> Array:
   weighted by ``gt_mask``. logits [B, T, H, W, K], labels [B, T, H, W]."""
   logits = logits.astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32),
-                             axis=-1)[..., 0]
+  nll = -jnp.take_along_axis(
+      logp, labels[..., None].astype(jnp.int32), axis=-1
+  )[..., 0]
   return _masked_frame_mean(nll.mean(axis=(-2, -1)), gt_mask)
 
 
-def avss_avm_stage(fg: Array, v_map: Array, a_fea: Array, gt_mask: Array, *,
-                   loss: str = 'kl', norm: bool = False,
-                   threshold: bool = False, pooling: str = 'avg',
-                   closer: bool = False) -> Array:
+def avss_avm_stage(
+    fg: Array,
+    v_map: Array,
+    a_fea: Array,
+    gt_mask: Array,
+    *,
+    loss: str = 'kl',
+    norm: bool = False,
+    threshold: bool = False,
+    pooling: str = 'avg',
+    closer: bool = False,
+) -> Array:
   """One stage of the AVSS AVM loss (``A_MaskedV_SimmLoss`` / ``closer_loss``).
 
   Args:
@@ -406,11 +468,19 @@ def avss_avm_stage(fg: Array, v_map: Array, a_fea: Array, gt_mask: Array, *,
   return _masked_frame_mean(per_frame.reshape(b, t), gt_mask)
 
 
-def avss_loss(outputs: Mapping[str, Any], labels: Array, gt_mask: Array, *,
-              avm_weight: float = 0.0, avm_stages: Sequence[int] = (),
-              avm_loss: str = 'kl', avm_closer: bool = False,
-              avm_threshold: bool = False, avm_norm: bool = False,
-              avm_pooling: str = 'avg') -> Tuple[Array, dict]:
+def avss_loss(
+    outputs: Mapping[str, Any],
+    labels: Array,
+    gt_mask: Array,
+    *,
+    avm_weight: float = 0.0,
+    avm_stages: Sequence[int] = (),
+    avm_loss: str = 'kl',
+    avm_closer: bool = False,
+    avm_threshold: bool = False,
+    avm_norm: bool = False,
+    avm_pooling: str = 'avg',
+) -> Tuple[Array, dict]:
   """AVSS training loss (reference ``IouSemanticAwareLoss`` of ``avss``).
 
   ``loss = ce + avm_weight * avm``; the reference recipe (``train.sh``) is
@@ -432,8 +502,10 @@ def avss_loss(outputs: Mapping[str, Any], labels: Array, gt_mask: Array, *,
   if avm_pooling not in ('avg', 'max'):
     raise ValueError(f'avm_pooling must be "avg" or "max", got {avm_pooling!r}')
   if avm_closer and avm_threshold:
-    raise ValueError('avm_threshold does not apply to avm_closer (the '
-                     'reference closer_loss has no thresholding).')
+    raise ValueError(
+        'avm_threshold does not apply to avm_closer (the '
+        'reference closer_loss has no thresholding).'
+    )
   logits = outputs['logits']
   if logits.ndim != 5:
     raise ValueError(f'AVSS logits must be [B, T, H, W, K], got {logits.shape}')
@@ -441,18 +513,33 @@ def avss_loss(outputs: Mapping[str, Any], labels: Array, gt_mask: Array, *,
   stages = tuple(avm_stages)
   if stages:
     v_maps, a_feas = outputs.get('visual_maps'), outputs.get('audio_features')
-    if v_maps is None or a_feas is None or any(a_feas[s] is None
-                                               for s in stages):
-      raise ValueError('avm_stages needs outputs["visual_maps"] and '
-                       'outputs["audio_features"] of those stages (TPAVI '
-                       'audio-visual blocks there).')
+    if (
+        v_maps is None
+        or a_feas is None
+        or any(a_feas[s] is None for s in stages)
+    ):
+      raise ValueError(
+          'avm_stages needs outputs["visual_maps"] and '
+          'outputs["audio_features"] of those stages (TPAVI '
+          'audio-visual blocks there).'
+      )
     fg = jax.lax.stop_gradient(
-        (jnp.argmax(logits, axis=-1) != 0).astype(jnp.float32))
-    avm = sum(avss_avm_stage(fg, v_maps[s], a_feas[s], gt_mask,
-                             loss=avm_loss, norm=avm_norm,
-                             threshold=avm_threshold, pooling=avm_pooling,
-                             closer=avm_closer)
-              for s in stages) / len(stages)
+        (jnp.argmax(logits, axis=-1) != 0).astype(jnp.float32)
+    )
+    avm = sum(
+        avss_avm_stage(
+            fg,
+            v_maps[s],
+            a_feas[s],
+            gt_mask,
+            loss=avm_loss,
+            norm=avm_norm,
+            threshold=avm_threshold,
+            pooling=avm_pooling,
+            closer=avm_closer,
+        )
+        for s in stages
+    ) / len(stages)
   else:
     avm = jnp.zeros((), jnp.float32)
   return ce + avm_weight * avm, {'ce': ce, 'avm': avm}

@@ -91,7 +91,9 @@ def reference_thresholds(num: int = NUM_THRESHOLDS) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=('eps',))
-def mask_iou_per_frame(logits: Array, target: Array, eps: float = 1e-7) -> Array:
+def mask_iou_per_frame(
+    logits: Array, target: Array, eps: float = 1e-7
+) -> Array:
   """Per-frame J of the reference ``mask_iou``: [N, H, W] x 2 -> [N]."""
   pred = (jax.nn.sigmoid(logits.astype(jnp.float32)) > 0.5).astype(jnp.float32)
   target = target.astype(jnp.float32)
@@ -116,8 +118,12 @@ def mask_iou(logits: Array, target: Array, eps: float = 1e-7) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=('num_thresholds', 'beta2'))
-def f_score_curves(logits: Array, target: Array, num_thresholds: int = NUM_THRESHOLDS,
-                   beta2: float = BETA2) -> Tuple[Array, Array]:
+def f_score_curves(
+    logits: Array,
+    target: Array,
+    num_thresholds: int = NUM_THRESHOLDS,
+    beta2: float = BETA2,
+) -> Tuple[Array, Array]:
   """Per-frame F curves of ``Eval_Fmeasure``.
 
   Args:
@@ -135,7 +141,7 @@ def f_score_curves(logits: Array, target: Array, num_thresholds: int = NUM_THRES
   th = jnp.asarray(reference_thresholds(num_thresholds))
   # bucket b = #{k : t_k <= p}; pixel counts at threshold k iff b > k.
   bucket = jnp.searchsorted(th, prob, side='right').astype(jnp.int32)
-  seg = (bucket + (num_thresholds + 1) * jnp.arange(n, dtype=jnp.int32)[:, None])
+  seg = bucket + (num_thresholds + 1) * jnp.arange(n, dtype=jnp.int32)[:, None]
   seg = seg.reshape(-1)
   nseg = n * (num_thresholds + 1)
   hist = jax.ops.segment_sum(jnp.ones_like(gt).reshape(-1), seg, nseg)
@@ -164,17 +170,24 @@ def _grouped_f(curves: Array, valid: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=('num_thresholds', 'beta2'))
-def f_score(logits: Array, target: Array, num_thresholds: int = NUM_THRESHOLDS,
-            beta2: float = BETA2) -> Array:
+def f_score(
+    logits: Array,
+    target: Array,
+    num_thresholds: int = NUM_THRESHOLDS,
+    beta2: float = BETA2,
+) -> Array:
   """Reference ``Eval_Fmeasure`` of one batch of frames [N, H, W] -> scalar."""
   curves, valid = f_score_curves(logits, target, num_thresholds, beta2)
   return _grouped_f(curves, valid)
 
 
 @functools.partial(jax.jit, static_argnames=('num_thresholds', 'beta2'))
-def f_score_per_frame(logits: Array, target: Array,
-                      num_thresholds: int = NUM_THRESHOLDS,
-                      beta2: float = BETA2) -> Tuple[Array, Array]:
+def f_score_per_frame(
+    logits: Array,
+    target: Array,
+    num_thresholds: int = NUM_THRESHOLDS,
+    beta2: float = BETA2,
+) -> Tuple[Array, Array]:
   """Per-frame F: each frame's own max over thresholds.
 
   Returns:
@@ -191,8 +204,9 @@ def f_score_per_frame(logits: Array, target: Array,
 
 
 @jax.jit
-def clip_metrics(logits: Array, masks: Array,
-                 valid: Optional[Array] = None) -> Dict[str, Array]:
+def clip_metrics(
+    logits: Array, masks: Array, valid: Optional[Array] = None
+) -> Dict[str, Array]:
   """Sums and counts for one eval batch of clips (jittable).
 
   Args:
@@ -233,15 +247,20 @@ def clip_metrics(logits: Array, masks: Array,
   }
 
 
-def merge_metrics(acc: Optional[Mapping[str, Any]],
-                  new: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+def merge_metrics(
+    acc: Optional[Mapping[str, Any]], new: Mapping[str, Any]
+) -> Dict[str, np.ndarray]:
   """Adds two ``clip_metrics`` results on the host (float64 / int64).
 
   ``acc=None`` starts an accumulation. Fetches ``new`` from the device.
   """
   new = {k: np.asarray(jax.device_get(v)) for k, v in new.items()}
-  new = {k: v.astype(np.int64 if np.issubdtype(v.dtype, np.integer)
-                     else np.float64) for k, v in new.items()}
+  new = {
+      k: v.astype(
+          np.int64 if np.issubdtype(v.dtype, np.integer) else np.float64
+      )
+      for k, v in new.items()
+  }
   if acc is None:
     return new
   return {k: np.asarray(acc[k]) + new[k] for k in new}
@@ -307,8 +326,9 @@ def avss_frame_stats(logits: Array, labels: Array) -> Dict[str, Array]:
     NaN when no class overlaps).
   """
   k = logits.shape[-1]
-  pred = jnp.argmax(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
-                    axis=-1)
+  pred = jnp.argmax(
+      jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1
+  )
   labels = labels.astype(pred.dtype)
   # Class k marks "no intersection"; counted in an extra bin, then dropped.
   count = jax.vmap(lambda x: jnp.bincount(x.reshape(-1), length=k + 1)[:k])
@@ -322,13 +342,18 @@ def avss_frame_stats(logits: Array, labels: Array) -> Dict[str, Array]:
   f = (1 + BETA2) * precision * recall / (BETA2 * precision + recall)
   f = jnp.where(jnp.isnan(f), 0.0, f)
   frame_miou = iou.sum(-1) / (iou != 0).sum(-1).astype(jnp.float32)
-  return {'iou': iou, 'fscore': f, 'seen': (union > 0).astype(jnp.float32),
-          'frame_miou': frame_miou}
+  return {
+      'iou': iou,
+      'fscore': f,
+      'seen': (union > 0).astype(jnp.float32),
+      'frame_miou': frame_miou,
+  }
 
 
 @jax.jit
-def avss_clip_metrics(logits: Array, labels: Array,
-                      valid: Optional[Array] = None) -> Dict[str, Array]:
+def avss_clip_metrics(
+    logits: Array, labels: Array, valid: Optional[Array] = None
+) -> Dict[str, Array]:
   """Per-class sums for one eval batch of AVSS clips (jittable).
 
   Args:
@@ -341,19 +366,24 @@ def avss_clip_metrics(logits: Array, labels: Array,
     with ``merge_metrics`` and finish with ``avss_summarize``.
   """
   b, t = logits.shape[:2]
-  s = avss_frame_stats(logits.reshape((b * t,) + logits.shape[2:]),
-                       labels.reshape((b * t,) + labels.shape[2:]))
+  s = avss_frame_stats(
+      logits.reshape((b * t,) + logits.shape[2:]),
+      labels.reshape((b * t,) + labels.shape[2:]),
+  )
   if valid is None:
     valid = jnp.ones((b,), bool)
   w = jnp.repeat(valid.astype(jnp.float32), t)[:, None]
-  return {'iou_sum': (w * s['iou']).sum(0),
-          'fscore_sum': (w * s['fscore']).sum(0),
-          'class_count': (w * s['seen']).sum(0),
-          'num_clips': jnp.sum(valid.astype(jnp.int32))}
+  return {
+      'iou_sum': (w * s['iou']).sum(0),
+      'fscore_sum': (w * s['fscore']).sum(0),
+      'class_count': (w * s['seen']).sum(0),
+      'num_clips': jnp.sum(valid.astype(jnp.int32)),
+  }
 
 
-def avss_summarize(acc: Mapping[str, Any],
-                   class_names: Optional[Any] = None) -> Dict[str, Any]:
+def avss_summarize(
+    acc: Mapping[str, Any], class_names: Optional[Any] = None
+) -> Dict[str, Any]:
   """The reference test.py numbers from accumulated ``avss_clip_metrics``.
 
   Returns 'miou', 'fscore' (means over all K classes, unseen = 0),
@@ -372,17 +402,26 @@ def avss_summarize(acc: Mapping[str, Any],
   f_c = np.where(seen, acc['fscore_sum'] / safe, 0.0)
   n_seen = int(seen.sum())
   present = lambda x: float(x[seen].mean()) if n_seen else 0.0
-  per_class = [{'index': i,
-                'name': str(class_names[i]) if class_names is not None
-                else str(i),
-                'miou': float(miou_c[i]), 'fscore': float(f_c[i]),
-                'frames': int(count[i])} for i in range(len(count))]
-  return {'miou': float(miou_c.mean()), 'fscore': float(f_c.mean()),
-          'miou_noBg': float(miou_c[:-1].mean()),
-          'fscore_noBg': float(f_c[:-1].mean()),
-          'miou_fg': float(miou_c[1:].mean()),
-          'fscore_fg': float(f_c[1:].mean()),
-          'miou_present': present(miou_c), 'fscore_present': present(f_c),
-          'num_classes_seen': n_seen,
-          'num_clips': int(acc.get('num_clips', 0)),
-          'per_class': per_class}
+  per_class = [
+      {
+          'index': i,
+          'name': str(class_names[i]) if class_names is not None else str(i),
+          'miou': float(miou_c[i]),
+          'fscore': float(f_c[i]),
+          'frames': int(count[i]),
+      }
+      for i in range(len(count))
+  ]
+  return {
+      'miou': float(miou_c.mean()),
+      'fscore': float(f_c.mean()),
+      'miou_noBg': float(miou_c[:-1].mean()),
+      'fscore_noBg': float(f_c[:-1].mean()),
+      'miou_fg': float(miou_c[1:].mean()),
+      'fscore_fg': float(f_c[1:].mean()),
+      'miou_present': present(miou_c),
+      'fscore_present': present(f_c),
+      'num_classes_seen': n_seen,
+      'num_clips': int(acc.get('num_clips', 0)),
+      'per_class': per_class,
+  }

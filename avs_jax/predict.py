@@ -10,6 +10,7 @@ runs over windows of 5 seconds; a last, partial window is filled by
 repeating its last second and the filler is dropped. ffmpeg comes from the
 `imageio-ffmpeg` package.
 """
+
 import os
 import subprocess
 import tempfile
@@ -56,6 +57,7 @@ def _open(path):
   def frames():
     for raw in gen:
       yield np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+
   return frames(), meta
 
 
@@ -64,14 +66,37 @@ def read_audio(path, sample_rate=16000):
   with tempfile.TemporaryDirectory() as tmp:
     wav = os.path.join(tmp, 'audio.wav')
     proc = subprocess.run(
-        [_ffmpeg(), '-nostdin', '-v', 'error', '-i', path, '-vn', '-ac', '1',
-         '-ar', str(sample_rate), '-f', 'wav', wav],
-        capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not os.path.exists(wav) or \
-        os.path.getsize(wav) <= 44:
+        [
+            _ffmpeg(),
+            '-nostdin',
+            '-v',
+            'error',
+            '-i',
+            path,
+            '-vn',
+            '-ac',
+            '1',
+            '-ar',
+            str(sample_rate),
+            '-f',
+            'wav',
+            wav,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if (
+        proc.returncode != 0
+        or not os.path.exists(wav)
+        or os.path.getsize(wav) <= 44
+    ):
       reason = proc.stderr.strip().splitlines()[-1:] or ['no audio stream']
-      if 'does not contain any stream' in proc.stderr or \
-          'matches no streams' in proc.stderr or proc.returncode == 0:
+      if (
+          'does not contain any stream' in proc.stderr
+          or 'matches no streams' in proc.stderr
+          or proc.returncode == 0
+      ):
         reason = ['the video has no audio track']
       raise VideoError(f'{path}: cannot read its audio: {reason[0]}')
     return audio_lib.load_audio(wav, sample_rate)
@@ -100,13 +125,18 @@ def sample_seconds(path, image_size):
     seconds = n_frames_seconds
   picked = picked[:seconds]
   if seconds < 1:
-    raise VideoError(f'{path}: too short ({(i + 1) / fps:.2f} s); at least '
-                     '1 s of video with sound is needed')
+    raise VideoError(
+        f'{path}: too short ({(i + 1) / fps:.2f} s); at least '
+        '1 s of video with sound is needed'
+    )
   h, w = data_lib.records.image_hw(image_size)
-  small = np.stack([resize_frame(f, h, w) for f in picked]).astype(
-      np.float32) / 255.0
+  small = (
+      np.stack([resize_frame(f, h, w) for f in picked]).astype(np.float32)
+      / 255.0
+  )
   norm = (small - np.asarray(data_lib.IMAGENET_MEAN)) / np.asarray(
-      data_lib.IMAGENET_STD)
+      data_lib.IMAGENET_STD
+  )
   return norm.astype(np.float32), fps, seconds
 
 
@@ -117,8 +147,12 @@ def resize_frame(frame, h, w):
 
 def upsample_probs(probs, h, w):
   """`[S, h', w']` probabilities -> `[S, h, w]` (bilinear, float)."""
-  return np.stack([cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
-                   for p in np.asarray(probs, np.float32)])
+  return np.stack(
+      [
+          cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
+          for p in np.asarray(probs, np.float32)
+      ]
+  )
 
 
 def windows(num_seconds, size=WINDOW):
@@ -149,8 +183,9 @@ def predict_video(config, workdir):
   name = os.path.splitext(os.path.basename(pc.video))[0]
   out = pc.out or os.path.join(workdir, 'predict', name)
   if pc.mask_size not in ('video', 'model'):
-    raise VideoError(f'predict.mask_size must be video or model, got '
-                     f'{pc.mask_size!r}')
+    raise VideoError(
+        f'predict.mask_size must be video or model, got ' f'{pc.mask_size!r}'
+    )
   frames, fps, seconds = sample_seconds(pc.video, config.data.image_size)
   examples = audio_examples(pc.video, seconds)
   # Every process restores (Orbax reads collectively) and computes the same
@@ -168,11 +203,14 @@ def predict_video(config, workdir):
   for s in range(seconds):
     mask = full[s] if pc.mask_size == 'video' else probs[s]
     Image.fromarray(((mask > 0.5) * 255).astype(np.uint8)).save(
-        os.path.join(out, 'masks', f'{name}_{s + 1:04d}.png'))
+        os.path.join(out, 'masks', f'{name}_{s + 1:04d}.png')
+    )
   video = os.path.join(out, f'{name}_overlay.mp4')
   _write_overlay(pc.video, video, full > 0.5, fps)
-  utils.log(f'{seconds} s of {pc.video} (checkpoint step {restored.step}) -> '
-            f'{out}/masks/*.png and {video}')
+  utils.log(
+      f'{seconds} s of {pc.video} (checkpoint step {restored.step}) -> '
+      f'{out}/masks/*.png and {video}'
+  )
   return out
 
 
@@ -185,18 +223,48 @@ def _write_overlay(src, dst, masks, fps):
   r = int(round(fps))
   with tempfile.TemporaryDirectory() as tmp:
     silent = os.path.join(tmp, 'video.mp4')
-    writer = imageio_ffmpeg.write_frames(silent, (w, h), fps=fps,
-                                         macro_block_size=1,
-                                         output_params=['-v', 'error'])
+    writer = imageio_ffmpeg.write_frames(
+        silent,
+        (w, h),
+        fps=fps,
+        macro_block_size=1,
+        output_params=['-v', 'error'],
+    )
     writer.send(None)
     for i, frame in enumerate(gen):
       s = min(i // r, len(masks) - 1)
       writer.send(np.ascontiguousarray(draw.overlay(frame, masks[s])))
     writer.close()
     proc = subprocess.run(
-        [_ffmpeg(), '-nostdin', '-v', 'error', '-y', '-i', silent, '-i', src,
-         '-map', '0:v', '-map', '1:a', '-c:v', 'copy', '-c:a', 'aac',
-         '-af', 'apad', '-shortest', dst], capture_output=True, text=True, check=False)
+        [
+            _ffmpeg(),
+            '-nostdin',
+            '-v',
+            'error',
+            '-y',
+            '-i',
+            silent,
+            '-i',
+            src,
+            '-map',
+            '0:v',
+            '-map',
+            '1:a',
+            '-c:v',
+            'copy',
+            '-c:a',
+            'aac',
+            '-af',
+            'apad',
+            '-shortest',
+            dst,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
-      raise VideoError(f'{dst}: ffmpeg could not write the overlay video: '
-                       f'{proc.stderr.strip()[-300:]}')
+      raise VideoError(
+          f'{dst}: ffmpeg could not write the overlay video: '
+          f'{proc.stderr.strip()[-300:]}'
+      )

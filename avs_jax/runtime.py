@@ -9,6 +9,7 @@ the whole host value and hands each of its devices its part), never with a
 `device_put` of host values onto a global sharding, which multi-process JAX
 does not allow.
 """
+
 import functools
 from typing import Any
 
@@ -46,8 +47,12 @@ class TrainState:
 
   def as_dict(self):
     """What a checkpoint's `state` item holds."""
-    return {'step': self.step, 'params': self.params,
-            'batch_stats': self.batch_stats, 'opt_state': self.opt_state}
+    return {
+        'step': self.step,
+        'params': self.params,
+        'batch_stats': self.batch_stats,
+        'opt_state': self.opt_state,
+    }
 
 
 class ConfigError(ValueError):
@@ -58,27 +63,39 @@ def check_config(config):
   """Raises ConfigError for settings that would fail later, deep inside."""
   backbones = sorted(resnet.SPECS) + sorted(pvt.SPECS)
   if config.model.backbone not in backbones:
-    raise ConfigError(f'model.backbone={config.model.backbone!r} is not a '
-                      f'backbone; choose one of {", ".join(backbones)}')
+    raise ConfigError(
+        f'model.backbone={config.model.backbone!r} is not a '
+        f'backbone; choose one of {", ".join(backbones)}'
+    )
   if config.train.dtype not in DTYPES:
-    raise ConfigError(f'train.dtype={config.train.dtype!r}: use one of '
-                      f'{", ".join(DTYPES)}')
+    raise ConfigError(
+        f'train.dtype={config.train.dtype!r}: use one of '
+        f'{", ".join(DTYPES)}'
+    )
   n = jax.device_count()
   for field in ('train.batch_size', 'eval.batch_size'):
     section, key = field.split('.')
     bs = config[section][key]
     if bs < 1 or bs % n:
-      raise ConfigError(f'{field}={bs} must be a positive multiple of the '
-                        f'{n} devices (global batch); e.g. --config.{field}='
-                        f'{max(n, bs - bs % n)}')
+      raise ConfigError(
+          f'{field}={bs} must be a positive multiple of the '
+          f'{n} devices (global batch); e.g. --config.{field}='
+          f'{max(n, bs - bs % n)}'
+      )
   h, w = records.image_hw(config.data.image_size)
   if h % 32 or w % 32:
-    raise ConfigError(f'data.image_size={config.data.image_size}: height and '
-                      'width must be multiples of 32 (the encoders stride 32)')
+    raise ConfigError(
+        f'data.image_size={config.data.image_size}: height and '
+        'width must be multiples of 32 (the encoders stride 32)'
+    )
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None,
-                           process_id=None, heartbeat_timeout=100):
+def initialize_distributed(
+    coordinator_address=None,
+    num_processes=None,
+    process_id=None,
+    heartbeat_timeout=100,
+):
   """`jax.distributed.initialize`, explicit or auto-detected (TPU, SLURM).
 
   With several processes the CPU backend's collectives use gloo (they are
@@ -88,24 +105,37 @@ def initialize_distributed(coordinator_address=None, num_processes=None,
   """
   explicit = (coordinator_address, num_processes, process_id)
   if any(x is not None for x in explicit) and None in explicit:
-    missing = [n for n, x in zip(('coordinator_address', 'num_processes',
-                                  'process_id'), explicit) if x is None]
-    raise ValueError('--coordinator_address, --num_processes and '
-                     '--process_id go together; missing: ' + ', '.join(
-                         f'--{m}' for m in missing))
+    missing = [
+        n
+        for n, x in zip(
+            ('coordinator_address', 'num_processes', 'process_id'), explicit
+        )
+        if x is None
+    ]
+    raise ValueError(
+        '--coordinator_address, --num_processes and '
+        '--process_id go together; missing: '
+        + ', '.join(f'--{m}' for m in missing)
+    )
   if num_processes is not None and not 0 <= process_id < num_processes:
-    raise ValueError(f'--process_id={process_id} must be in [0, '
-                     f'{num_processes})')
+    raise ValueError(
+        f'--process_id={process_id} must be in [0, ' f'{num_processes})'
+    )
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                             heartbeat_timeout_seconds=heartbeat_timeout)
+  jax.distributed.initialize(
+      coordinator_address,
+      num_processes,
+      process_id,
+      heartbeat_timeout_seconds=heartbeat_timeout,
+  )
   utils.use_service_barriers()
 
 
 def make_mesh():
   """1-D mesh of every device; Auto axes: XLA propagates shardings (pjit)."""
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+      (jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def local_mesh():
@@ -123,8 +153,10 @@ def batch_sharding(mesh):
 
 def compute_dtype(config):
   if config.train.dtype not in DTYPES:
-    raise ValueError(f'train.dtype must be one of {sorted(DTYPES)}, got '
-                     f'{config.train.dtype!r}')
+    raise ValueError(
+        f'train.dtype must be one of {sorted(DTYPES)}, got '
+        f'{config.train.dtype!r}'
+    )
   return DTYPES[config.train.dtype]
 
 
@@ -147,6 +179,7 @@ def place(tree, shardings):
   def one(x, sharding):
     x = host_value(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
   return jax.tree_util.tree_map(one, tree, shardings)
 
 
@@ -161,15 +194,21 @@ def host_value(x):
 
 def to_device(batch, sharding):
   """A process's host batch -> global arrays split over `data` (its part)."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items() if k in DEVICE_KEYS}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for k, v in batch.items()
+      if k in DEVICE_KEYS
+  }
 
 
 def init_variables(config, model):
   """The model's fresh `{'params', 'batch_stats'}` (host-independent)."""
   h, w = records.image_hw(config.data.image_size)
-  return model.init(jax.random.key(config.seed), jnp.zeros((1, 1, h, w, 3)),
-                    jnp.zeros((1, 1, 128)))
+  return model.init(
+      jax.random.key(config.seed),
+      jnp.zeros((1, 1, h, w, 3)),
+      jnp.zeros((1, 1, 128)),
+  )
 
 
 def pretrained(config, variables):
@@ -178,13 +217,15 @@ def pretrained(config, variables):
   if tc.init_backbone:
     sd = torch_weights.load_state_dict(tc.init_backbone)
     variables = torch_weights.merge_variables(
-        variables, torch_weights.torch_to_flax(sd, config.model))
+        variables, torch_weights.torch_to_flax(sd, config.model)
+    )
     utils.log(f'initialised the encoder from {tc.init_backbone}')
   if tc.init_from:
     restored, step = ckpt_lib.load_state(tc.init_from)
     variables = torch_weights.merge_variables(
-        variables, {'params': restored['params'],
-                    'batch_stats': restored['batch_stats']})
+        variables,
+        {'params': restored['params'], 'batch_stats': restored['batch_stats']},
+    )
     utils.log(f'initialised the model from {tc.init_from} (step {step})')
   return variables
 
@@ -194,12 +235,17 @@ def audio_variables(config, vggish, mesh):
   ac = config.audio
   if ac.vggish_checkpoint:
     sd = torch_weights.load_state_dict(ac.vggish_checkpoint)
-    pca = torch_weights.load_state_dict(ac.pca_checkpoint) \
-        if ac.pca_checkpoint else None
+    pca = (
+        torch_weights.load_state_dict(ac.pca_checkpoint)
+        if ac.pca_checkpoint
+        else None
+    )
     host = torch_weights.vggish_torch_to_flax(sd, pca)
   else:
-    utils.log('audio.vggish_checkpoint is empty: VGGish has RANDOM frozen '
-              'weights (fine for the synthetic demo, not for AVSBench).')
+    utils.log(
+        'audio.vggish_checkpoint is empty: VGGish has RANDOM frozen '
+        'weights (fine for the synthetic demo, not for AVSBench).'
+    )
     host = vggish.init(jax.random.key(12345), jnp.zeros((1, 96, 64)))
   return place(jax.device_get(host), replicated(mesh))
 
@@ -218,20 +264,24 @@ def state_shardings(abstract_state, mesh, fsdp):
         parts[a] = 'data'
         return NamedSharding(mesh, P(*parts))
     return NamedSharding(mesh, P())
+
   return jax.tree_util.tree_map(spec, abstract_state)
 
 
 def new_state(variables, optimizer):
-  return TrainState(step=jnp.zeros((), jnp.int32),
-                    params=variables['params'],
-                    batch_stats=variables['batch_stats'],
-                    opt_state=optimizer.init(variables['params']))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=optimizer.init(variables['params']),
+  )
 
 
 def abstract_train_state(config, model, optimizer, mesh):
   """`(abstract state, its shardings)`: the shapes, nothing computed."""
   abstract = jax.eval_shape(
-      lambda: new_state(init_variables(config, model), optimizer))
+      lambda: new_state(init_variables(config, model), optimizer)
+  )
   return abstract, state_shardings(abstract, mesh, config.train.fsdp)
 
 
@@ -245,7 +295,9 @@ def restore_target(abstract, shardings):
   """`ShapeDtypeStruct`s of a checkpoint's `state` item, with shardings."""
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract.as_dict(), shardings.as_dict())
+      abstract.as_dict(),
+      shardings.as_dict(),
+  )
 
 
 class Inference:
@@ -259,32 +311,53 @@ class Inference:
     self.mesh = mesh or make_mesh()
     self.model, self.vggish = build(config)
     restored, self.step = ckpt_lib.load_state(path)
-    variables = {'params': restored['params'],
-                 'batch_stats': restored['batch_stats']}
-    _check_shapes(variables, jax.eval_shape(
-        lambda: init_variables(config, self.model)), path)
+    variables = {
+        'params': restored['params'],
+        'batch_stats': restored['batch_stats'],
+    }
+    _check_shapes(
+        variables,
+        jax.eval_shape(lambda: init_variables(config, self.model)),
+        path,
+    )
     self.variables = place(variables, replicated(self.mesh))
     self.audio_vars = audio_variables(config, self.vggish, self.mesh)
 
   def logits(self, frames, log_mel):
     """`frames [B, T, H, W, 3]`, `log_mel [B, T, 96, 64]` -> `[B, T, H, W]`."""
-    return _logits(self.model, self.vggish, self.variables, self.audio_vars,
-                   frames, log_mel)
+    return _logits(
+        self.model,
+        self.vggish,
+        self.variables,
+        self.audio_vars,
+        frames,
+        log_mel,
+    )
 
 
 def _check_shapes(variables, abstract, path):
   """CheckpointError unless `variables` has the shapes of `abstract`."""
+
   def shapes(tree):
-    return {jax.tree_util.keystr(k): tuple(v.shape)
-            for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        jax.tree_util.keystr(k): tuple(v.shape)
+        for k, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
   have, want = shapes(variables), shapes(abstract)
   if have != want:
-    diff = sorted(set(have) ^ set(want))[:3] + [
-        f'{k}: checkpoint {have[k]}, model {want[k]}'
-        for k in sorted(set(have) & set(want)) if have[k] != want[k]][:3]
+    diff = (
+        sorted(set(have) ^ set(want))[:3]
+        + [
+            f'{k}: checkpoint {have[k]}, model {want[k]}'
+            for k in sorted(set(have) & set(want))
+            if have[k] != want[k]
+        ][:3]
+    )
     raise ckpt_lib.CheckpointError(
         f'{path} does not fit the model of this config (another model size or '
-        f'backbone?): {"; ".join(diff)}')
+        f'backbone?): {"; ".join(diff)}'
+    )
 
 
 def forward(model, vggish, variables, audio_vars, frames, log_mel):
@@ -295,5 +368,6 @@ def forward(model, vggish, variables, audio_vars, frames, log_mel):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _logits(model, vggish, variables, audio_vars, frames, log_mel):
-  return forward(model, vggish, variables, audio_vars, frames,
-                 log_mel)['logits']
+  return forward(model, vggish, variables, audio_vars, frames, log_mel)[
+      'logits'
+  ]

@@ -18,6 +18,7 @@ Files may be `.pth`/`.pt`/`.tar` (needs torch), `.npz` or `.safetensors`.
 Training reads ImageNet backbones and VGGish through this module; the command
 line over it is `python -m avs_jax.convert`.
 """
+
 import json
 import os
 import re
@@ -35,8 +36,10 @@ Params = Dict[str, Any]
 
 # The reference ResNet's second branch: in every checkpoint, never used.
 _UNUSED_RESNET = ('resnet.layer3_2.', 'resnet.layer4_2.')
-_RESNET_BRANCHES = (('resnet.layer3_1.', 'resnet.layer3_2.'),
-                    ('resnet.layer4_1.', 'resnet.layer4_2.'))
+_RESNET_BRANCHES = (
+    ('resnet.layer3_1.', 'resnet.layer3_2.'),
+    ('resnet.layer4_1.', 'resnet.layer4_2.'),
+)
 
 
 class ConversionError(ValueError):
@@ -51,16 +54,26 @@ def _to_numpy(v):
   if isinstance(v, np.ndarray):
     return v
   if hasattr(v, 'detach'):  # torch.Tensor
-    return v.detach().cpu().float().numpy() if v.is_floating_point() else \
-        v.detach().cpu().numpy()
+    return (
+        v.detach().cpu().float().numpy()
+        if v.is_floating_point()
+        else v.detach().cpu().numpy()
+    )
   return np.asarray(v)
 
 
 def _read_safetensors(path) -> Dict[str, np.ndarray]:
   """Minimal reader of the safetensors format (no extra dependency)."""
-  dtypes = {'F32': np.float32, 'F16': np.float16, 'F64': np.float64,
-            'I64': np.int64, 'I32': np.int32, 'U8': np.uint8, 'I8': np.int8,
-            'BOOL': np.bool_}
+  dtypes = {
+      'F32': np.float32,
+      'F16': np.float16,
+      'F64': np.float64,
+      'I64': np.int64,
+      'I32': np.int32,
+      'U8': np.uint8,
+      'I8': np.int8,
+      'BOOL': np.bool_,
+  }
   with open(path, 'rb') as f:
     (n,) = struct.unpack('<Q', f.read(8))
     header = json.loads(f.read(n))
@@ -70,15 +83,20 @@ def _read_safetensors(path) -> Dict[str, np.ndarray]:
     if k == '__metadata__':
       continue
     if meta['dtype'] == 'BF16':
-      raw = np.frombuffer(data, np.uint16, offset=meta['data_offsets'][0],
-                          count=int(np.prod(meta['shape'])))
+      raw = np.frombuffer(
+          data,
+          np.uint16,
+          offset=meta['data_offsets'][0],
+          count=int(np.prod(meta['shape'])),
+      )
       arr = (raw.astype(np.uint32) << 16).view(np.float32)
     elif meta['dtype'] in dtypes:
       start, end = meta['data_offsets']
       arr = np.frombuffer(data[start:end], dtypes[meta['dtype']])
     else:
-      raise ConversionError(f'{path}: unsupported dtype {meta["dtype"]} '
-                            f'for {k}')
+      raise ConversionError(
+          f'{path}: unsupported dtype {meta["dtype"]} ' f'for {k}'
+      )
     out[k] = arr.reshape(meta['shape']).copy()
   return out
 
@@ -89,7 +107,8 @@ def _torch_load(path):
   except ImportError as e:
     raise ImportError(
         f'reading {path} needs PyTorch (`pip install torch`, CPU build is '
-        'enough); or save the state dict as .npz/.safetensors first') from e
+        'enough); or save the state dict as .npz/.safetensors first'
+    ) from e
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
   except Exception:  # pylint: disable=broad-except
@@ -110,8 +129,11 @@ def load_state_dict(path) -> Dict[str, np.ndarray]:
   else:
     sd = _torch_load(path)
   for wrapper in ('state_dict', 'model', 'model_state_dict'):
-    if isinstance(sd, Mapping) and wrapper in sd and isinstance(
-        sd[wrapper], Mapping):
+    if (
+        isinstance(sd, Mapping)
+        and wrapper in sd
+        and isinstance(sd[wrapper], Mapping)
+    ):
       sd = sd[wrapper]
   if not isinstance(sd, Mapping):
     raise ConversionError(f'{path}: expected a state dict, got {type(sd)}')
@@ -171,15 +193,19 @@ def _torch_to_flax_leaf(w: np.ndarray, leaf: str) -> np.ndarray:
 def _flax_to_torch_leaf(w: np.ndarray, leaf: str) -> np.ndarray:
   if leaf == 'kernel':
     if w.ndim >= 3:
-      return np.transpose(w, (w.ndim - 1, w.ndim - 2) + tuple(range(w.ndim - 2)))
+      return np.transpose(
+          w, (w.ndim - 1, w.ndim - 2) + tuple(range(w.ndim - 2))
+      )
     if w.ndim == 2:
       return w.T
   return w
 
 
-def _map_state_dict(sd: Mapping[str, np.ndarray],
-                    target: Mapping[Tuple[str, ...], Any],
-                    source: str) -> Params:
+def _map_state_dict(
+    sd: Mapping[str, np.ndarray],
+    target: Mapping[Tuple[str, ...], Any],
+    source: str,
+) -> Params:
   """Maps torch keys onto the flattened `target` tree (shapes checked)."""
   flat, unexpected, mismatched = {}, [], []
   for key, w in sd.items():
@@ -204,24 +230,32 @@ def _map_state_dict(sd: Mapping[str, np.ndarray],
     value = _torch_to_flax_leaf(np.asarray(w), dest[-1])
     want = tuple(target[dest].shape)
     if value.shape != want:
-      mismatched.append(f'{key}: checkpoint {tuple(w.shape)} -> '
-                        f'{value.shape}, model wants {want}')
+      mismatched.append(
+          f'{key}: checkpoint {tuple(w.shape)} -> '
+          f'{value.shape}, model wants {want}'
+      )
       continue
     flat[dest] = value.astype(np.float32)
   missing = [_torch_key(p) for p in target if p not in flat]
   problems = []
   if missing:
-    problems.append(f'missing keys ({len(missing)}): ' + ', '.join(missing[:20])
-                    + (' ...' if len(missing) > 20 else ''))
+    problems.append(
+        f'missing keys ({len(missing)}): '
+        + ', '.join(missing[:20])
+        + (' ...' if len(missing) > 20 else '')
+    )
   if unexpected:
-    problems.append(f'unexpected keys ({len(unexpected)}): '
-                    + ', '.join(unexpected[:20])
-                    + (' ...' if len(unexpected) > 20 else ''))
+    problems.append(
+        f'unexpected keys ({len(unexpected)}): '
+        + ', '.join(unexpected[:20])
+        + (' ...' if len(unexpected) > 20 else '')
+    )
   if mismatched:
     problems.append('shape mismatches: ' + '; '.join(mismatched[:20]))
   if problems:
-    raise ConversionError(f'{source} does not fit the model:\n  '
-                          + '\n  '.join(problems))
+    raise ConversionError(
+        f'{source} does not fit the model:\n  ' + '\n  '.join(problems)
+    )
   return _unflatten(flat)
 
 
@@ -234,19 +268,25 @@ def _torch_key(dest: Tuple[str, ...]) -> str:
   return f'{_join_path(tuple(path))}.{leaf}'
 
 
-def variables_to_torch(variables: Mapping[str, Any],
-                       add_num_batches_tracked=True) -> Dict[str, np.ndarray]:
+def variables_to_torch(
+    variables: Mapping[str, Any], add_num_batches_tracked=True
+) -> Dict[str, np.ndarray]:
   """Any of our Flax variable trees -> a PyTorch-layout state dict."""
   out = {}
   for dest, v in _flatten(dict(variables)).items():
     if dest[0] not in ('params', 'batch_stats'):
       continue
-    out[_torch_key(dest)] = _flax_to_torch_leaf(np.asarray(v, np.float32),
-                                                dest[-1])
-    if add_num_batches_tracked and dest[0] == 'batch_stats' and \
-        dest[-1] == 'mean':
-      out[_torch_key(dest)[:-len('running_mean')] + 'num_batches_tracked'] = \
+    out[_torch_key(dest)] = _flax_to_torch_leaf(
+        np.asarray(v, np.float32), dest[-1]
+    )
+    if (
+        add_num_batches_tracked
+        and dest[0] == 'batch_stats'
+        and dest[-1] == 'mean'
+    ):
+      out[_torch_key(dest)[: -len('running_mean')] + 'num_batches_tracked'] = (
           np.zeros((), np.int64)
+      )
   return out
 
 
@@ -265,7 +305,7 @@ def model_shapes(model_config) -> Dict[Tuple[str, ...], Any]:
 
 def strip_module_prefix(sd):
   if sd and all(k.startswith('module.') for k in sd):
-    return {k[len('module.'):]: v for k, v in sd.items()}
+    return {k[len('module.') :]: v for k, v in sd.items()}
   return dict(sd)
 
 
@@ -281,7 +321,8 @@ def checkpoint_kind(sd: Mapping[str, Any]) -> str:
   raise ConversionError(
       'unrecognised checkpoint: expected an AVS checkpoint (keys resnet.* or '
       'encoder_backbone.*), torchvision ResNet-50 (conv1.*, layer1.*) or '
-      f'PVT-v2 (patch_embed1.*); first keys: {sorted(keys)[:5]}')
+      f'PVT-v2 (patch_embed1.*); first keys: {sorted(keys)[:5]}'
+  )
 
 
 def _backbone_to_avs_keys(sd, kind):
@@ -316,13 +357,17 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config) -> Params:
   sd = _backbone_to_avs_keys(sd, kind)
   encoder = 'resnet' if kind == 'torchvision_resnet50' else 'encoder_backbone'
   if model_config.backbone.startswith('pvt') != (encoder == 'encoder_backbone'):
-    raise ConversionError(f'a {kind} checkpoint does not fit backbone '
-                          f'{model_config.backbone!r}')
+    raise ConversionError(
+        f'a {kind} checkpoint does not fit backbone '
+        f'{model_config.backbone!r}'
+    )
   target = {p: s for p, s in target.items() if p[1] == encoder}
   return _map_state_dict(sd, target, f'{kind} checkpoint')
 
 
-def flax_to_torch(variables: Mapping[str, Any], model_config) -> Dict[str, np.ndarray]:
+def flax_to_torch(
+    variables: Mapping[str, Any], model_config
+) -> Dict[str, np.ndarray]:
   """Flax variables -> a state dict the reference `Pred_endecoder` loads strictly.
 
   The ResNet's unused second branch (`layer3_2`, `layer4_2`) is filled with a
@@ -332,19 +377,23 @@ def flax_to_torch(variables: Mapping[str, Any], model_config) -> Dict[str, np.nd
   if model_config.backbone == 'resnet50':
     for src, dst in _RESNET_BRANCHES:
       for k in [k for k in sd if k.startswith(src)]:
-        sd[dst + k[len(src):]] = sd[k].copy()
+        sd[dst + k[len(src) :]] = sd[k].copy()
   return sd
 
 
-def merge_variables(base: Mapping[str, Any], update: Mapping[str, Any]) -> Params:
+def merge_variables(
+    base: Mapping[str, Any], update: Mapping[str, Any]
+) -> Params:
   """`base` with every leaf present in `update` replaced (same shapes)."""
   flat = _flatten(dict(base))
   for path, v in _flatten(dict(update)).items():
     if path not in flat:
       raise ConversionError(f'{"/".join(path)} is not in the model')
     if tuple(np.shape(flat[path])) != tuple(np.shape(v)):
-      raise ConversionError(f'{"/".join(path)}: shape {np.shape(v)}, model '
-                            f'wants {np.shape(flat[path])}')
+      raise ConversionError(
+          f'{"/".join(path)}: shape {np.shape(v)}, model '
+          f'wants {np.shape(flat[path])}'
+      )
     flat[path] = v
   return _unflatten(flat)
 
@@ -353,9 +402,10 @@ def merge_variables(base: Mapping[str, Any], update: Mapping[str, Any]) -> Param
 # VGGish.
 
 
-def vggish_torch_to_flax(state_dict: Mapping[str, Any],
-                         pca_state_dict: Optional[Mapping[str, Any]] = None
-                         ) -> Params:
+def vggish_torch_to_flax(
+    state_dict: Mapping[str, Any],
+    pca_state_dict: Optional[Mapping[str, Any]] = None,
+) -> Params:
   """torchvggish state dict (+ PCA params) -> `{'params'[, 'pca']}`."""
   sd = {k: _to_numpy(v) for k, v in strip_module_prefix(state_dict).items()}
   # torchvggish's hub file may carry the PCA params inside the same dict.
@@ -363,23 +413,28 @@ def vggish_torch_to_flax(state_dict: Mapping[str, Any],
   if pca_state_dict is None and all(k in sd for k in pca_keys):
     pca_state_dict = {k: sd[k] for k in pca_keys}
   sd = {k: v for k, v in sd.items() if k not in pca_keys}
-  shapes = jax.eval_shape(build_vggish().init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, 96, 64), jnp.float32))
-  target = {p: s for p, s in _flatten(dict(shapes)).items()
-            if p[0] == 'params'}
+  shapes = jax.eval_shape(
+      build_vggish().init,
+      jax.random.key(0),
+      jax.ShapeDtypeStruct((1, 96, 64), jnp.float32),
+  )
+  target = {p: s for p, s in _flatten(dict(shapes)).items() if p[0] == 'params'}
   variables = _map_state_dict(sd, target, 'VGGish checkpoint')
   if pca_state_dict is not None:
-    pca = {k.replace('pproc.', ''): _to_numpy(v)
-           for k, v in pca_state_dict.items()}
+    pca = {
+        k.replace('pproc.', ''): _to_numpy(v) for k, v in pca_state_dict.items()
+    }
     missing = [k for k in pca_keys if k not in pca]
     if missing:
       raise ConversionError(f'VGGish PCA params: missing keys {missing}')
     eig = np.asarray(pca['pca_eigen_vectors'], np.float32)
     means = np.asarray(pca['pca_means'], np.float32).reshape(-1)
     if eig.shape != (128, 128) or means.shape != (128,):
-      raise ConversionError(f'VGGish PCA params: eigen_vectors {eig.shape} '
-                            f'(want (128, 128)), means {means.shape} (want '
-                            '(128,))')
+      raise ConversionError(
+          f'VGGish PCA params: eigen_vectors {eig.shape} '
+          f'(want (128, 128)), means {means.shape} (want '
+          '(128,))'
+      )
     variables['pca'] = {'eigen_vectors': eig, 'means': means}
   return variables
 

@@ -8,6 +8,7 @@ VGGish runs inside the step on the log-mel examples, or, with
 embeddings: VGGish has no batch-dependent ops). Either way the data does not
 depend on audio weights, and `eval.audio` can break the audio at evaluation.
 """
+
 import dataclasses
 import functools
 import os
@@ -30,20 +31,30 @@ from avs_jax import utils
 def make_optimizer(tc, total_steps):
   """Adam (PyTorch defaults) with the optional schedule/decay/clip/accumulation."""
   if tc.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1),
-                                            max(total_steps, tc.warmup_steps + 1))
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0,
+        tc.lr,
+        max(tc.warmup_steps, 1),
+        max(total_steps, tc.warmup_steps + 1),
+    )
   elif tc.schedule == 'constant':
     lr = tc.lr
     if tc.warmup_steps:
       lr = optax.join_schedules(
-          [optax.linear_schedule(0.0, tc.lr, tc.warmup_steps),
-           optax.constant_schedule(tc.lr)], [tc.warmup_steps])
+          [
+              optax.linear_schedule(0.0, tc.lr, tc.warmup_steps),
+              optax.constant_schedule(tc.lr),
+          ],
+          [tc.warmup_steps],
+      )
   else:
-    raise ValueError(f'train.schedule must be constant or cosine, got '
-                     f'{tc.schedule!r}')
+    raise ValueError(
+        f'train.schedule must be constant or cosine, got ' f'{tc.schedule!r}'
+    )
   if tc.weight_decay > 0:
-    opt = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8,
-                      weight_decay=tc.weight_decay)
+    opt = optax.adamw(
+        lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=tc.weight_decay
+    )
   else:
     opt = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
   if tc.grad_clip > 0:
@@ -68,11 +79,18 @@ def embedding_table(config, vggish, audio_vars, split='train'):
   dc, bs = config.data, config.eval.batch_size
   apply = jax.jit(functools.partial(audio_embeddings, vggish))
   local_vars = jax.tree_util.tree_map(
-      lambda x: x.addressable_data(0), audio_vars)
-  ds = data_lib.eval_dataset(dc.dir, dc.setting, split, batch_size=bs,
-                             image_size=dc.image_size,
-                             num_workers=dc.num_workers,
-                             process_index=0, process_count=1)
+      lambda x: x.addressable_data(0), audio_vars
+  )
+  ds = data_lib.eval_dataset(
+      dc.dir,
+      dc.setting,
+      split,
+      batch_size=bs,
+      image_size=dc.image_size,
+      num_workers=dc.num_workers,
+      process_index=0,
+      process_count=1,
+  )
   total = -(-data_lib.num_examples(dc.dir, dc.setting, split) // bs)
   table = {}
   for batch in utils.progress(total, 0, f'VGGish on {split}', iterable=ds):
@@ -98,39 +116,74 @@ def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
   the frozen VGGish on `batch['log_mel']`.
   """
   lc = config.loss
-  audio = batch['audio'] if 'audio' in batch else audio_embeddings(
-      vggish, audio_vars, batch['log_mel'])
+  audio = (
+      batch['audio']
+      if 'audio' in batch
+      else audio_embeddings(vggish, audio_vars, batch['log_mel'])
+  )
   out, new_stats = model.apply(
-      {'params': params, 'batch_stats': state.batch_stats}, batch['frames'],
-      audio, train=True, mutable=['batch_stats'],
-      rngs={'dropout': jax.random.fold_in(jax.random.key(config.seed),
-                                          state.step)})
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['frames'],
+      audio,
+      train=True,
+      mutable=['batch_stats'],
+      rngs={
+          'dropout': jax.random.fold_in(jax.random.key(config.seed), state.step)
+      },
+  )
   loss, aux = losses.avs_loss(
-      out, batch['masks'], setting=config.data.setting,
-      avm_weight=lc.avm_weight, avm_stages=tuple(lc.avm_stages),
-      avm_loss=lc.avm_loss, avm_closer=lc.avm_closer,
-      avm_threshold=lc.avm_threshold, avm_norm=lc.avm_norm,
-      avm_pooling=lc.avm_pooling)
+      out,
+      batch['masks'],
+      setting=config.data.setting,
+      avm_weight=lc.avm_weight,
+      avm_stages=tuple(lc.avm_stages),
+      avm_loss=lc.avm_loss,
+      avm_closer=lc.avm_closer,
+      avm_threshold=lc.avm_threshold,
+      avm_norm=lc.avm_norm,
+      avm_pooling=lc.avm_pooling,
+  )
   return loss, (aux, new_stats['batch_stats'])
 
 
 def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
   """One optimizer step on a global batch. Returns (state, metrics)."""
-  (loss, (aux, batch_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params, state, batch, audio_vars,
-                             model=model, vggish=vggish, config=config)
+  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params,
+      state,
+      batch,
+      audio_vars,
+      model=model,
+      vggish=vggish,
+      config=config,
+  )
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, {'loss': loss, 'bce': aux['bce'], 'avm': aux['avm'],
-                     'grad_norm': optax.tree.norm(grads)}
+  new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+  )
+  return new_state, {
+      'loss': loss,
+      'bce': aux['bce'],
+      'avm': aux['avm'],
+      'grad_norm': optax.tree.norm(grads),
+  }
 
 
 def state_loss(state, batch, audio_vars, *, model, vggish, config):
   """The loss the next step would see with `state` on `batch` (no update)."""
-  return loss_fn(state.params, state, batch, audio_vars, model=model,
-                 vggish=vggish, config=config)[0]
+  return loss_fn(
+      state.params,
+      state,
+      batch,
+      audio_vars,
+      model=model,
+      vggish=vggish,
+      config=config,
+  )[0]
 
 
 class Preemption:
@@ -166,12 +219,14 @@ def check_finite(first_step, losses_since):
       raise FloatingPointError(
           f'loss is {float(loss)} at step {step}: stopping. Lower train.lr, '
           'enable train.grad_clip, or check the data; the checkpoints kept in '
-          'WORKDIR/checkpoints are all finite.')
+          'WORKDIR/checkpoints are all finite.'
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Step counts of a run, from the config and the training set's size."""
+
   total: int
   per_epoch: int
   eval_every: int
@@ -180,12 +235,23 @@ class Schedule:
 
   @classmethod
   def of(cls, config, num_train):
+    """The schedule of a training set of `num_train` clips (logged)."""
     tc = config.train
     per_epoch = max(num_train // tc.batch_size, 1)
     total = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * per_epoch
     eval_every = max(per_epoch * tc.eval_every_epochs, 1)
-    return cls(total, per_epoch, eval_every, tc.checkpoint_every or eval_every,
-               tc.log_every)
+    utils.log(
+        f'{num_train} train clips, {per_epoch} steps/epoch, {total} steps, '
+        f'global batch {tc.batch_size} on {jax.device_count()} devices / '
+        f'{jax.process_count()} processes'
+    )
+    return cls(
+        total,
+        per_epoch,
+        eval_every,
+        tc.checkpoint_every or eval_every,
+        tc.log_every,
+    )
 
   def is_eval(self, step):
     return step % self.eval_every == 0 or step == self.total
@@ -201,12 +267,21 @@ def _data_and_state(config, mngr, model, optimizer, mesh):
   """`(train iterator, state, first step)`: resumed from `mngr`, or fresh."""
   dc, tc = config.data, config.train
   nproc = jax.process_count()
-  train_iter = iter(data_lib.train_dataset(
-      dc.dir, dc.setting, batch_size=tc.batch_size // nproc,
-      image_size=dc.image_size, seed=config.seed, num_workers=dc.num_workers,
-      process_index=jax.process_index(), process_count=nproc))
-  abstract, shardings = runtime.abstract_train_state(config, model, optimizer,
-                                                     mesh)
+  train_iter = iter(
+      data_lib.train_dataset(
+          dc.dir,
+          dc.setting,
+          batch_size=tc.batch_size // nproc,
+          image_size=dc.image_size,
+          seed=config.seed,
+          num_workers=dc.num_workers,
+          process_index=jax.process_index(),
+          process_count=nproc,
+      )
+  )
+  abstract, shardings = runtime.abstract_train_state(
+      config, model, optimizer, mesh
+  )
   target = runtime.restore_target(abstract, shardings)
   while mngr.latest_step() is not None:
     start = mngr.latest_step()
@@ -219,8 +294,11 @@ def _data_and_state(config, mngr, model, optimizer, mesh):
       continue
     utils.log(f'resumed from {mngr.directory} at step {start}')
     return restored['data'], runtime.TrainState(**restored['state']), start
-  return train_iter, runtime.initial_state(config, model, optimizer,
-                                           shardings), 0
+  return (
+      train_iter,
+      runtime.initial_state(config, model, optimizer, shardings),
+      0,
+  )
 
 
 def _compile_steps(config, model, vggish, optimizer, mesh, state):
@@ -228,15 +306,26 @@ def _compile_steps(config, model, vggish, optimizer, mesh, state):
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   data, rep = runtime.batch_sharding(mesh), runtime.replicated(mesh)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, vggish=vggish,
-                        optimizer=optimizer, config=config),
-      in_shardings=(shardings, data, rep), out_shardings=(shardings, rep),
-      donate_argnums=(0,))
+      functools.partial(
+          train_step,
+          model=model,
+          vggish=vggish,
+          optimizer=optimizer,
+          config=config,
+      ),
+      in_shardings=(shardings, data, rep),
+      out_shardings=(shardings, rep),
+      donate_argnums=(0,),
+  )
   loss_of = jax.jit(
       functools.partial(state_loss, model=model, vggish=vggish, config=config),
-      in_shardings=(shardings, data, rep), out_shardings=rep)
-  return (utils.CompileThenMeet(step_fn, 'train step'),
-          utils.CompileThenMeet(loss_of, 'state loss'))
+      in_shardings=(shardings, data, rep),
+      out_shardings=rep,
+  )
+  return (
+      utils.CompileThenMeet(step_fn, 'train step'),
+      utils.CompileThenMeet(loss_of, 'state loss'),
+  )
 
 
 def train_and_evaluate(config, workdir):
@@ -246,46 +335,62 @@ def train_and_evaluate(config, workdir):
   a preemption signal (after saving; the same command resumes).
   """
   tc, dc = config.train, config.data
-  if tc.batch_size % jax.device_count():
-    raise ValueError(f'train.batch_size={tc.batch_size} must be a multiple of '
-                     f'the device count {jax.device_count()}')
+  runtime.check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  num_train = data_lib.num_examples(dc.dir, dc.setting, 'train')
-  sched = Schedule.of(config, num_train)
-  utils.log(f'{num_train} train clips, {sched.per_epoch} steps/epoch, '
-            f'{sched.total} steps, global batch {tc.batch_size} on '
-            f'{jax.device_count()} devices / {jax.process_count()} processes')
+  sched = Schedule.of(
+      config, data_lib.num_examples(dc.dir, dc.setting, 'train')
+  )
   mesh = runtime.make_mesh()
   model, vggish = runtime.build(config, remat=tc.remat)
   optimizer, lr_fn = make_optimizer(tc, sched.total)
   audio_vars = runtime.audio_variables(config, vggish, mesh)
-  table = embedding_table(config, vggish, audio_vars) \
-      if config.audio.precompute else None
+  table = (
+      embedding_table(config, vggish, audio_vars)
+      if config.audio.precompute
+      else None
+  )
   mngr = ckpt_lib.manager(os.path.join(workdir, 'checkpoints'), keep=tc.keep)
-  train_iter, state, start = _data_and_state(config, mngr, model, optimizer,
-                                             mesh)
-  step_fn, loss_of = _compile_steps(config, model, vggish, optimizer, mesh,
-                                    state)
-  loop = Loop(config, workdir, sched, mngr, start, lr_fn, evaluate.Evaluator(
-      config, model, vggish, mesh, audio_vars))
+  train_iter, state, start = _data_and_state(
+      config, mngr, model, optimizer, mesh
+  )
+  step_fn, loss_of = _compile_steps(
+      config, model, vggish, optimizer, mesh, state
+  )
+  loop = Loop(
+      config,
+      workdir,
+      sched,
+      mngr,
+      start,
+      lr_fn,
+      evaluate.Evaluator(config, model, vggish, mesh, audio_vars),
+  )
   sharding = runtime.batch_sharding(mesh)
   try:
     for step in range(start, sched.total):
       host = next(train_iter)
       batch = runtime.to_device(
-          with_audio(host, table) if table is not None else host, sharding)
+          with_audio(host, table) if table is not None else host, sharding
+      )
       state, metrics = step_fn(state, batch, audio_vars)
-      if loop.after_step(step + 1, state, metrics, train_iter,
-                         lambda s: loss_of(s, batch, audio_vars)):
+      if loop.after_step(
+          step + 1,
+          state,
+          metrics,
+          train_iter,
+          lambda s: loss_of(s, batch, audio_vars),
+      ):
         return None  # preempted, saved
   finally:
     loop.close()
   best = ckpt_lib.best_step(mngr)
   mngr.close()
-  utils.log(f'evaluating the best checkpoint (step {best}) on '
-            f'{config.eval.split}')
+  utils.log(
+      f'evaluating the best checkpoint (step {best}) on {config.eval.split}'
+  )
   return evaluate.evaluate_checkpoint(
-      config, workdir, os.path.join(mngr.directory, str(best)))
+      config, workdir, os.path.join(mngr.directory, str(best))
+  )
 
 
 class Loop:
@@ -315,8 +420,10 @@ class Loop:
       self._validate_and_save(done, state, train_iter, loss_of)
     if preempted:
       self.mngr.wait_until_finished()
-      utils.log(f'preempted: saved step {done} to {self.mngr.directory}; '
-                're-run the same command to resume')
+      utils.log(
+          f'preempted: saved step {done} to {self.mngr.directory}; '
+          're-run the same command to resume'
+      )
     return preempted
 
   def _log(self, done, metrics):
@@ -324,8 +431,11 @@ class Loop:
     self.t0, self.last_log = time.time(), done
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     lr = self.lr_fn(done) if callable(self.lr_fn) else self.lr_fn
-    scalars.update(lr=float(lr), step_time=dt,
-                   clips_per_sec=self.config.train.batch_size / dt)
+    scalars.update(
+        lr=float(lr),
+        step_time=dt,
+        clips_per_sec=self.config.train.batch_size / dt,
+    )
     self.writer.write(done, scalars)
     self.bar.set_postfix(loss=f'{scalars["loss"]:.4f}')
 
@@ -340,19 +450,30 @@ class Loop:
       raise FloatingPointError(
           f'the parameters after step {done} give a loss of {loss}: not saved,'
           ' stopping. Lower train.lr or enable train.grad_clip; the '
-          'checkpoints kept in WORKDIR/checkpoints are all finite.')
+          'checkpoints kept in WORKDIR/checkpoints are all finite.'
+      )
     metrics = None
     if self.sched.is_eval(done):
-      val = self.evaluator.run(state.variables, self.config.data.setting,
-                               self.config.eval.val_split, desc=f'val@{done}')
-      metrics = {ckpt_lib.BEST_METRIC: val['miou'],
-                 'val_fscore': val['fscore']}
+      val = self.evaluator.run(
+          state.variables,
+          self.config.data.setting,
+          self.config.eval.val_split,
+          desc=f'val@{done}',
+      )
+      metrics = {ckpt_lib.BEST_METRIC: val['miou'], 'val_fscore': val['fscore']}
       self.writer.write(done, metrics)
       if jax.process_index() == 0:
-        self.bar.write(f'step {done}: val J {val["miou"]:.4f} F '
-                       f'{val["fscore"]:.4f}')
-    ckpt_lib.save(self.mngr, done, state.as_dict(), train_iter,
-                  metrics=metrics, force=True)
+        self.bar.write(
+            f'step {done}: val J {val["miou"]:.4f} F ' f'{val["fscore"]:.4f}'
+        )
+    ckpt_lib.save(
+        self.mngr,
+        done,
+        state.as_dict(),
+        train_iter,
+        metrics=metrics,
+        force=True,
+    )
 
   def close(self):
     self.bar.close()

@@ -1,4 +1,5 @@
 """Logging helpers: console (process 0), TensorBoard + JSONL metrics, progress bars."""
+
 import json
 import os
 import sys
@@ -21,7 +22,8 @@ def barrier(name, timeout=1800):
   """
   if jax.process_count() > 1:
     ocp.multihost.get_barrier_sync_fn()(
-        key=f'{name}:{next(_BARRIERS)}', timeout_ms=timeout * 1000)
+        key=f'{name}:{next(_BARRIERS)}', timeout_ms=timeout * 1000
+    )
 
 
 def use_service_barriers():
@@ -55,9 +57,15 @@ def log(msg):
 
 
 def progress(total, initial=0, desc='', iterable=None):
-  return tqdm.tqdm(iterable, total=total, initial=initial, desc=desc,
-                   dynamic_ncols=True,
-                   disable=jax.process_index() != 0, file=sys.stderr)
+  return tqdm.tqdm(
+      iterable,
+      total=total,
+      initial=initial,
+      desc=desc,
+      dynamic_ncols=True,
+      disable=jax.process_index() != 0,
+      file=sys.stderr,
+  )
 
 
 def _truncate_jsonl(path, last_step):
@@ -90,6 +98,7 @@ class MetricWriter:
       self._jsonl = open(path, 'a')
       try:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
         tf.config.set_visible_devices([], 'GPU')  # keep TF off accelerators
         self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tb'))
         self._tf = tf
@@ -99,8 +108,12 @@ class MetricWriter:
   def write(self, step, scalars):
     if not self.active:
       return
-    self._jsonl.write(json.dumps({'step': int(step), **{
-        k: float(v) for k, v in scalars.items()}}) + '\n')
+    self._jsonl.write(
+        json.dumps(
+            {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+        )
+        + '\n'
+    )
     self._jsonl.flush()
     if self._tb is not None:
       with self._tb.as_default(step=int(step)):

@@ -7,6 +7,7 @@ about twice the CPU time (docs/PERFORMANCE.md). An explicitly empty list of
 YNN fusion types turns that off. Only XLA:CPU reads these flags, so they are
 harmless on GPU and TPU. This module imports nothing from JAX.
 """
+
 import os
 
 CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
@@ -20,8 +21,11 @@ def set_xla_flags(devices=None, cpu_defaults=False):
   """
   flags = os.environ.get('XLA_FLAGS', '').split()
   if devices:
-    flags = [f for f in flags
-             if not f.startswith('--xla_force_host_platform_device_count')]
+    flags = [
+        f
+        for f in flags
+        if not f.startswith('--xla_force_host_platform_device_count')
+    ]
     flags.append(f'--xla_force_host_platform_device_count={devices}')
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   if not cpu_defaults:

@@ -64,13 +64,13 @@ from avs_jax.xla_flags import set_xla_flags  # pylint: disable=g-import-not-at-t
 # float32 peak is listed.
 PEAK_TFLOPS = (
     ('H100 PCIe', {'bfloat16': 756.0, 'float32': 378.0}),
-    ('H100', {'bfloat16': 989.0, 'float32': 494.5}),   # SXM
+    ('H100', {'bfloat16': 989.0, 'float32': 494.5}),  # SXM
     ('H200', {'bfloat16': 989.0, 'float32': 494.5}),
     ('A100', {'bfloat16': 312.0, 'float32': 156.0}),
-    ('TPU v5 lite', {'bfloat16': 197.0}),               # v5e
+    ('TPU v5 lite', {'bfloat16': 197.0}),  # v5e
     ('TPU v5e', {'bfloat16': 197.0}),
     ('TPU v5p', {'bfloat16': 459.0}),
-    ('TPU v5', {'bfloat16': 459.0}),                    # v5p reports 'TPU v5'
+    ('TPU v5', {'bfloat16': 459.0}),  # v5p reports 'TPU v5'
     ('TPU v4', {'bfloat16': 275.0}),
 )
 
@@ -83,28 +83,67 @@ def peak_tflops(device_kind, dtype):
 
 
 # pylint: disable=line-too-long
-config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 's4.py'), 'Config file (`path:arg` passes arg to get_config); `--config.x.y=v` overrides.')
-flags.DEFINE_string('backbone', None, 'resnet50 | pvt_v2_b0 ... pvt_v2_b5 (default: the config\'s)')
+config_flags.DEFINE_config_file(
+    'config',
+    os.path.join(ROOT, 'configs', 's4.py'),
+    'Config file (`path:arg` passes arg to get_config); `--config.x.y=v` overrides.',
+)
+flags.DEFINE_string(
+    'backbone',
+    None,
+    "resnet50 | pvt_v2_b0 ... pvt_v2_b5 (default: the config's)",
+)
 flags.DEFINE_integer('image_size', 224, 'Frame height and width.')
 flags.DEFINE_integer('frames', 5, 'Frames per clip.')
-flags.DEFINE_integer('batch', None, 'Global batch in clips (default: config train.batch_size).')
-flags.DEFINE_integer('per_device_batch', None, 'Clips per device; global batch = this x devices.')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype (train.dtype).')
+flags.DEFINE_integer(
+    'batch', None, 'Global batch in clips (default: config train.batch_size).'
+)
+flags.DEFINE_integer(
+    'per_device_batch', None, 'Clips per device; global batch = this x devices.'
+)
+flags.DEFINE_enum(
+    'dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype (train.dtype).'
+)
 flags.DEFINE_integer('steps', 5, 'Timed steps.')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after the compile.')
 flags.DEFINE_bool('remat', False, 'train.remat')
 flags.DEFINE_bool('fsdp', False, 'train.fsdp')
 flags.DEFINE_bool('eval', False, 'Also time the eval step on the same batch.')
 flags.DEFINE_bool('eval_only', False, 'Time only the eval step.')
-flags.DEFINE_integer('devices', None, 'Simulate N CPU devices (XLA_FLAGS; CPU only).')
-flags.DEFINE_bool('xla_defaults', False, "Keep XLA:CPU's defaults (else CPU_XLA_FLAGS are added).")
-flags.DEFINE_string('scaling', None, 'Scaling study, e.g. 1,2,4,8: one run per simulated device count with --per_device_batch fixed, and one per count with the global batch fixed (same-result check).')
+flags.DEFINE_integer(
+    'devices', None, 'Simulate N CPU devices (XLA_FLAGS; CPU only).'
+)
+flags.DEFINE_bool(
+    'xla_defaults',
+    False,
+    "Keep XLA:CPU's defaults (else CPU_XLA_FLAGS are added).",
+)
+flags.DEFINE_string(
+    'scaling',
+    None,
+    'Scaling study, e.g. 1,2,4,8: one run per simulated device count with --per_device_batch fixed, and one per count with the global batch fixed (same-result check).',
+)
 flags.DEFINE_integer('seed', 0, 'Random batch seed.')
-flags.DEFINE_enum('init', 'model', ['model', 'host'], "model: the model's own init (one more compile); host: numpy random weights of the same shapes (fast).")
-flags.DEFINE_bool('cpu_gemm', False, 'Measure a 2048^3 float32 GEMM as a CPU ceiling.')
-flags.DEFINE_string('aot_tpu', None, 'Try an AOT compile for a TPU topology, e.g. v5e:4x4.')
-flags.DEFINE_string('profile', None, 'jax.profiler trace of 2 extra train steps (perfetto) into this dir.')
-flags.DEFINE_bool('aot_only', False, 'With --aot_tpu: stop after it (no local timing).')
+flags.DEFINE_enum(
+    'init',
+    'model',
+    ['model', 'host'],
+    "model: the model's own init (one more compile); host: numpy random weights of the same shapes (fast).",
+)
+flags.DEFINE_bool(
+    'cpu_gemm', False, 'Measure a 2048^3 float32 GEMM as a CPU ceiling.'
+)
+flags.DEFINE_string(
+    'aot_tpu', None, 'Try an AOT compile for a TPU topology, e.g. v5e:4x4.'
+)
+flags.DEFINE_string(
+    'profile',
+    None,
+    'jax.profiler trace of 2 extra train steps (perfetto) into this dir.',
+)
+flags.DEFINE_bool(
+    'aot_only', False, 'With --aot_tpu: stop after it (no local timing).'
+)
 flags.DEFINE_string('json', None, 'Write every figure here.')
 # pylint: enable=line-too-long
 FLAGS = flags.FLAGS
@@ -125,19 +164,24 @@ def host_state(abstract_state, seed):
   """Numpy weights of the abstract state's shapes: scales and variances 1,
   biases and means 0, kernels N(0, 1/fan_in); Adam moments 0."""
   import jax  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
 
   def leaf(path, x):
     name = jax.tree_util.keystr(path)
     if x.ndim == 0:
       return np.zeros(x.shape, x.dtype)
-    if 'opt_state' in name or name.endswith("['mean']") or \
-        name.endswith("['bias']"):
+    if (
+        'opt_state' in name
+        or name.endswith("['mean']")
+        or name.endswith("['bias']")
+    ):
       return np.zeros(x.shape, x.dtype)
     if name.endswith("['scale']") or name.endswith("['var']"):
       return np.ones(x.shape, x.dtype)
     fan_in = int(np.prod(x.shape[:-1])) or 1
     return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
+
   return jax.tree_util.tree_map_with_path(leaf, abstract_state)
 
 
@@ -156,17 +200,23 @@ def memory_of(compiled):
   if m is None:
     return {}
   out = {}
-  for k in ('argument_size_in_bytes', 'output_size_in_bytes',
-            'alias_size_in_bytes', 'temp_size_in_bytes',
-            'generated_code_size_in_bytes'):
+  for k in (
+      'argument_size_in_bytes',
+      'output_size_in_bytes',
+      'alias_size_in_bytes',
+      'temp_size_in_bytes',
+      'generated_code_size_in_bytes',
+  ):
     v = getattr(m, k, None)
     if v is not None:
       out[k] = int(v)
   if out:
     out['xla_peak_estimate_bytes'] = (
-        out.get('argument_size_in_bytes', 0) +
-        out.get('output_size_in_bytes', 0) -
-        out.get('alias_size_in_bytes', 0) + out.get('temp_size_in_bytes', 0))
+        out.get('argument_size_in_bytes', 0)
+        + out.get('output_size_in_bytes', 0)
+        - out.get('alias_size_in_bytes', 0)
+        + out.get('temp_size_in_bytes', 0)
+    )
   return out
 
 
@@ -250,23 +300,36 @@ def describe(jax, config, gbs):
   dev, ndev = jax.devices()[0], jax.device_count()
   c = config
   res = {
-      'device_kind': dev.device_kind, 'platform': dev.platform,
-      'devices': ndev, 'config': config_flags.get_config_filename(
-          FLAGS['config']), 'backbone': c.model.backbone,
-      'channels': c.model.channels, 'tpavi_mode': c.model.tpavi_mode,
-      'setting': c.data.setting, 'image_size': FLAGS.image_size,
-      'frames': FLAGS.frames, 'global_batch': gbs,
-      'per_device_batch': gbs // ndev, 'dtype': FLAGS.dtype,
-      'remat': c.train.remat, 'fsdp': c.train.fsdp, 'jax': jax.__version__,
-      'xla_flags': os.environ.get('XLA_FLAGS', '')}
-  print(f'device: {dev.device_kind} x {ndev} ({dev.platform}), jax '
-        f'{jax.__version__}, XLA_FLAGS={res["xla_flags"]!r}')
-  print(f'config: {res["config"]} backbone={c.model.backbone} '
-        f'channels={c.model.channels} tpavi={c.model.tpavi_mode} '
-        f'setting={c.data.setting} {FLAGS.image_size}x{FLAGS.image_size}x'
-        f'{FLAGS.frames} frames, global batch {gbs} ({gbs // ndev}/device), '
-        f'{FLAGS.dtype}, remat={c.train.remat}, fsdp={c.train.fsdp}, VGGish '
-        f'{"precomputed" if c.audio.precompute else "in the step"}')
+      'device_kind': dev.device_kind,
+      'platform': dev.platform,
+      'devices': ndev,
+      'config': config_flags.get_config_filename(FLAGS['config']),
+      'backbone': c.model.backbone,
+      'channels': c.model.channels,
+      'tpavi_mode': c.model.tpavi_mode,
+      'setting': c.data.setting,
+      'image_size': FLAGS.image_size,
+      'frames': FLAGS.frames,
+      'global_batch': gbs,
+      'per_device_batch': gbs // ndev,
+      'dtype': FLAGS.dtype,
+      'remat': c.train.remat,
+      'fsdp': c.train.fsdp,
+      'jax': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+  print(
+      f'device: {dev.device_kind} x {ndev} ({dev.platform}), jax '
+      f'{jax.__version__}, XLA_FLAGS={res["xla_flags"]!r}'
+  )
+  print(
+      f'config: {res["config"]} backbone={c.model.backbone} '
+      f'channels={c.model.channels} tpavi={c.model.tpavi_mode} '
+      f'setting={c.data.setting} {FLAGS.image_size}x{FLAGS.image_size}x'
+      f'{FLAGS.frames} frames, global batch {gbs} ({gbs // ndev}/device), '
+      f'{FLAGS.dtype}, remat={c.train.remat}, fsdp={c.train.fsdp}, VGGish '
+      f'{"precomputed" if c.audio.precompute else "in the step"}'
+  )
   return res
 
 
@@ -289,80 +352,130 @@ def bench():
   # pylint: enable=g-import-not-at-top
   ndev = jax.device_count()
   if FLAGS.devices and ndev != FLAGS.devices:
-    raise SystemExit(f'asked for {FLAGS.devices} devices, JAX has {ndev} '
-                     f'({jax.devices()[0].platform}); --devices simulates '
-                     'CPU devices only')
+    raise SystemExit(
+        f'asked for {FLAGS.devices} devices, JAX has {ndev} '
+        f'({jax.devices()[0].platform}); --devices simulates '
+        'CPU devices only'
+    )
   config, gbs = bench_config(ndev)
   res = describe(jax, config, gbs)
   if FLAGS.cpu_gemm:
-    res['cpu_gemm_tflops'], res['cpu_gemm_tflop_per_cpu_s'] = \
-        cpu_gemm_tflops(jax, jnp)
-    print(f'float32 2048^3 GEMM on this device: '
-          f'{res["cpu_gemm_tflops"] * 1e3:.1f} GFLOP/s wall, '
-          f'{res["cpu_gemm_tflop_per_cpu_s"] * 1e3:.1f} GFLOP per CPU-second '
-          '(ceiling reference)')
+    res['cpu_gemm_tflops'], res['cpu_gemm_tflop_per_cpu_s'] = cpu_gemm_tflops(
+        jax, jnp
+    )
+    print(
+        f'float32 2048^3 GEMM on this device: '
+        f'{res["cpu_gemm_tflops"] * 1e3:.1f} GFLOP/s wall, '
+        f'{res["cpu_gemm_tflop_per_cpu_s"] * 1e3:.1f} GFLOP per CPU-second '
+        '(ceiling reference)'
+    )
 
   # The step exactly as train_and_evaluate builds it.
   mesh = runtime.make_mesh()
   model, vggish = runtime.build(config, remat=config.train.remat)
   optimizer, _ = train.make_optimizer(config.train, total_steps=1000)
   abstract_state, shardings = runtime.abstract_train_state(
-      config, model, optimizer, mesh)
-  res['params'] = sum(int(np.prod(x.shape)) for x in
-                      jax.tree_util.tree_leaves(abstract_state.params))
-  res['state_bytes'] = sum(x.size * x.dtype.itemsize for x in
-                           jax.tree_util.tree_leaves(abstract_state))
-  print(f'model: {res["params"] / 1e6:.2f} M parameters; train state (params '
-        f'+ Adam + BN stats) {res["state_bytes"] / 2**20:.0f} MiB float32')
-  step = functools.partial(train.train_step, model=model, vggish=vggish,
-                           optimizer=optimizer, config=config)
-  host = random_batch(np.random.default_rng(FLAGS.seed), gbs, FLAGS.frames,
-                      FLAGS.image_size, FLAGS.image_size, config.data.setting)
+      config, model, optimizer, mesh
+  )
+  res['params'] = sum(
+      int(np.prod(x.shape))
+      for x in jax.tree_util.tree_leaves(abstract_state.params)
+  )
+  res['state_bytes'] = sum(
+      x.size * x.dtype.itemsize
+      for x in jax.tree_util.tree_leaves(abstract_state)
+  )
+  print(
+      f'model: {res["params"] / 1e6:.2f} M parameters; train state (params '
+      f'+ Adam + BN stats) {res["state_bytes"] / 2**20:.0f} MiB float32'
+  )
+  step = functools.partial(
+      train.train_step,
+      model=model,
+      vggish=vggish,
+      optimizer=optimizer,
+      config=config,
+  )
+  host = random_batch(
+      np.random.default_rng(FLAGS.seed),
+      gbs,
+      FLAGS.frames,
+      FLAGS.image_size,
+      FLAGS.image_size,
+      config.data.setting,
+  )
   audio_vars = jax.jit(
       lambda: vggish.init(jax.random.key(12345), jnp.zeros((1, 96, 64))),
-      out_shardings=runtime.replicated(mesh))()
+      out_shardings=runtime.replicated(mesh),
+  )()
 
   if FLAGS.aot_tpu:
-    res['aot_tpu'] = aot_tpu(FLAGS.aot_tpu, gbs // ndev, step, abstract_state,
-                             (FLAGS.frames, FLAGS.image_size,
-                              config.data.setting),
-                             vggish, config.train.fsdp)
+    res['aot_tpu'] = aot_tpu(
+        FLAGS.aot_tpu,
+        gbs // ndev,
+        step,
+        abstract_state,
+        (FLAGS.frames, FLAGS.image_size, config.data.setting),
+        vggish,
+        config.train.fsdp,
+    )
   if not (FLAGS.aot_tpu and FLAGS.aot_only):
     state = None
     if not FLAGS.eval_only:
-      state = time_train_step(jax, config, mesh, step, abstract_state,
-                              shardings, host, audio_vars, res)
+      state = time_train_step(
+          jax,
+          config,
+          mesh,
+          step,
+          abstract_state,
+          shardings,
+          host,
+          audio_vars,
+          res,
+      )
     if FLAGS.eval or FLAGS.eval_only:
-      time_eval_step(jax, config, mesh, model, vggish, state, host, audio_vars,
-                     res)
+      time_eval_step(
+          jax, config, mesh, model, vggish, state, host, audio_vars, res
+      )
     res['device_peak_bytes'] = device_peak_bytes(jax.local_devices())
     res['rss_peak_bytes'] = rss_peak_bytes()
-    print(f'memory: device peak {fmt_bytes(res["device_peak_bytes"])}, '
-          f'process peak RSS {fmt_bytes(res["rss_peak_bytes"])}')
+    print(
+        f'memory: device peak {fmt_bytes(res["device_peak_bytes"])}, '
+        f'process peak RSS {fmt_bytes(res["rss_peak_bytes"])}'
+    )
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump(res, f, indent=2)
   return res
 
 
-def time_train_step(jax, config, mesh, step, abstract_state, shardings, host,
-                    audio_vars, res):
+def time_train_step(
+    jax, config, mesh, step, abstract_state, shardings, host, audio_vars, res
+):
   """Compiles and times the train step; fills `res`; returns the state."""
   from avs_jax import runtime  # pylint: disable=g-import-not-at-top  # see main
+
   gbs, ndev = res['global_batch'], res['devices']
   data = runtime.batch_sharding(mesh)
   step_fn = jax.jit(
-      step, in_shardings=(shardings, data, runtime.replicated(mesh)),
-      out_shardings=(shardings, runtime.replicated(mesh)), donate_argnums=(0,))
+      step,
+      in_shardings=(shardings, data, runtime.replicated(mesh)),
+      out_shardings=(shardings, runtime.replicated(mesh)),
+      donate_argnums=(0,),
+  )
   if config.audio.precompute:  # VGGish ran once per clip, outside the step
     host = {k: v for k, v in host.items() if k != 'log_mel'}
-    host['audio'] = np.abs(np.random.default_rng(FLAGS.seed).standard_normal(
-        (gbs, FLAGS.frames, 128), np.float32))
+    host['audio'] = np.abs(
+        np.random.default_rng(FLAGS.seed).standard_normal(
+            (gbs, FLAGS.frames, 128), np.float32
+        )
+    )
   batch = jax.block_until_ready(runtime.to_device(host, data))
   t0 = time.perf_counter()
   if FLAGS.init == 'model':
-    state = runtime.initial_state(config, step.keywords['model'],
-                                  step.keywords['optimizer'], shardings)
+    state = runtime.initial_state(
+        config, step.keywords['model'], step.keywords['optimizer'], shardings
+    )
   else:
     state = runtime.place(host_state(abstract_state, FLAGS.seed), shardings)
   jax.block_until_ready(state)
@@ -391,21 +504,41 @@ def time_train_step(jax, config, mesh, step, abstract_state, shardings, host,
     last[0] = m
     return m
 
-  times, pipelined, cpu = time_steps(run_one, FLAGS.steps, FLAGS.warmup,
-                                     jax.block_until_ready)
+  times, pipelined, cpu = time_steps(
+      run_one, FLAGS.steps, FLAGS.warmup, jax.block_until_ready
+  )
   step_s = statistics.median(times)
-  res.update(step_times_s=times, step_s=step_s, pipelined_step_s=pipelined,
-             cpu_s_per_step=cpu,
-             clips_per_s=gbs / step_s, pipelined_clips_per_s=gbs / pipelined,
-             first_step_metrics={k: float(v) for k, v in first.items()},
-             last_step_metrics={k: float(v) for k, v in
-                                jax.device_get(last[0]).items()},
-             steps_run=FLAGS.warmup + 2 * FLAGS.steps)
-  report('train', res, flops, step_s, pipelined, gbs, ndev,
-         res['device_kind'], FLAGS.dtype, res['train_memory'], cpu)
-  print(f'  first step: loss {first["loss"]:.6f} grad_norm '
-        f'{first["grad_norm"]:.6f}; step {res["steps_run"]}: loss '
-        f'{res["last_step_metrics"]["loss"]:.6f}')
+  res.update(
+      step_times_s=times,
+      step_s=step_s,
+      pipelined_step_s=pipelined,
+      cpu_s_per_step=cpu,
+      clips_per_s=gbs / step_s,
+      pipelined_clips_per_s=gbs / pipelined,
+      first_step_metrics={k: float(v) for k, v in first.items()},
+      last_step_metrics={
+          k: float(v) for k, v in jax.device_get(last[0]).items()
+      },
+      steps_run=FLAGS.warmup + 2 * FLAGS.steps,
+  )
+  report(
+      'train',
+      res,
+      flops,
+      step_s,
+      pipelined,
+      gbs,
+      ndev,
+      res['device_kind'],
+      FLAGS.dtype,
+      res['train_memory'],
+      cpu,
+  )
+  print(
+      f'  first step: loss {first["loss"]:.6f} grad_norm '
+      f'{first["grad_norm"]:.6f}; step {res["steps_run"]}: loss '
+      f'{res["last_step_metrics"]["loss"]:.6f}'
+  )
   if FLAGS.profile:
     with jax.profiler.trace(FLAGS.profile, create_perfetto_trace=True):
       for _ in range(2):
@@ -414,8 +547,9 @@ def time_train_step(jax, config, mesh, step, abstract_state, shardings, host,
   return state
 
 
-def time_eval_step(jax, config, mesh, model, vggish, state, host, audio_vars,
-                   res):
+def time_eval_step(
+    jax, config, mesh, model, vggish, state, host, audio_vars, res
+):
   """Compiles and times the evaluation step (`evaluate.eval_step`)."""
   # pylint: disable=g-import-not-at-top  # see main
   from avs_jax import evaluate
@@ -425,12 +559,15 @@ def time_eval_step(jax, config, mesh, model, vggish, state, host, audio_vars,
   if state is not None:
     variables = state.variables
   else:
-    variables = jax.jit(lambda: runtime.init_variables(config, model),
-                        out_shardings=runtime.replicated(mesh))()
+    variables = jax.jit(
+        lambda: runtime.init_variables(config, model),
+        out_shardings=runtime.replicated(mesh),
+    )()
   evaluator = evaluate.Evaluator(config, model, vggish, mesh, audio_vars)
   batch = runtime.to_device(
       {k: host[k] for k in ('frames', 'log_mel', 'masks', 'valid')},
-      evaluator.sharding)
+      evaluator.sharding,
+  )
   t0 = time.perf_counter()
   compiled = evaluator.step.jitted.lower(variables, audio_vars, batch).compile()
   res['eval_compile_s'] = time.perf_counter() - t0
@@ -439,30 +576,54 @@ def time_eval_step(jax, config, mesh, model, vggish, state, host, audio_vars,
   res['eval_memory'] = memory_of(compiled)
   print(f'eval compile: {res["eval_compile_s"]:.1f} s')
   times, pipelined, cpu = time_steps(
-      lambda: compiled(variables, audio_vars, batch), FLAGS.steps,
-      FLAGS.warmup, jax.block_until_ready)
+      lambda: compiled(variables, audio_vars, batch),
+      FLAGS.steps,
+      FLAGS.warmup,
+      jax.block_until_ready,
+  )
   es = statistics.median(times)
-  res.update(eval_step_times_s=times, eval_step_s=es, eval_cpu_s_per_step=cpu,
-             eval_pipelined_step_s=pipelined, eval_clips_per_s=gbs / es,
-             eval_pipelined_clips_per_s=gbs / pipelined)
-  report('eval', res, eflops, es, pipelined, gbs, ndev, res['device_kind'],
-         FLAGS.dtype, res['eval_memory'], cpu)
+  res.update(
+      eval_step_times_s=times,
+      eval_step_s=es,
+      eval_cpu_s_per_step=cpu,
+      eval_pipelined_step_s=pipelined,
+      eval_clips_per_s=gbs / es,
+      eval_pipelined_clips_per_s=gbs / pipelined,
+  )
+  report(
+      'eval',
+      res,
+      eflops,
+      es,
+      pipelined,
+      gbs,
+      ndev,
+      res['device_kind'],
+      FLAGS.dtype,
+      res['eval_memory'],
+      cpu,
+  )
 
 
-def report(name, res, flops, step_s, pipelined, gbs, ndev, kind, dtype, mem,
-           cpu_s):
+def report(
+    name, res, flops, step_s, pipelined, gbs, ndev, kind, dtype, mem, cpu_s
+):
   """Prints one step's figures and stores the derived ones in `res`."""
-  print(f'{name} step: {step_s * 1e3:.1f} ms median '
-        f'({gbs / step_s:.3f} clips/s); pipelined {pipelined * 1e3:.1f} ms '
-        f'({gbs / pipelined:.3f} clips/s); {cpu_s:.2f} CPU-s/step of this '
-        f'process ({os.cpu_count()} cores)')
+  print(
+      f'{name} step: {step_s * 1e3:.1f} ms median '
+      f'({gbs / step_s:.3f} clips/s); pipelined {pipelined * 1e3:.1f} ms '
+      f'({gbs / pipelined:.3f} clips/s); {cpu_s:.2f} CPU-s/step of this '
+      f'process ({os.cpu_count()} cores)'
+  )
   if flops:
     total = flops * ndev
     achieved = total / step_s / 1e12
     res[f'{name}_tflops_achieved'] = achieved
-    line = (f'  FLOPs/step {total / 1e9:.1f} GFLOP (XLA cost analysis; '
-            f'{flops / 1e9:.1f} per device, {total / gbs / 1e9:.1f} per clip); '
-            f'achieved {achieved:.3f} TFLOP/s')
+    line = (
+        f'  FLOPs/step {total / 1e9:.1f} GFLOP (XLA cost analysis; '
+        f'{flops / 1e9:.1f} per device, {total / gbs / 1e9:.1f} per clip); '
+        f'achieved {achieved:.3f} TFLOP/s'
+    )
     peak = peak_tflops(kind, dtype)
     if peak:
       mfu = achieved / (peak * ndev)
@@ -472,19 +633,23 @@ def report(name, res, flops, step_s, pipelined, gbs, ndev, kind, dtype, mem,
       per_cpu_s = total / cpu_s / 1e12
       res[f'{name}_tflop_per_cpu_s'] = per_cpu_s
       frac = per_cpu_s / res['cpu_gemm_tflop_per_cpu_s']
-      line += (f'; {per_cpu_s * 1e3:.1f} GFLOP per CPU-second = '
-               f'{100 * frac:.0f}% of the GEMM\'s (no vendor peak for this '
-               'device: no MFU)')
+      line += (
+          f'; {per_cpu_s * 1e3:.1f} GFLOP per CPU-second = '
+          f"{100 * frac:.0f}% of the GEMM's (no vendor peak for this "
+          'device: no MFU)'
+      )
     else:
       line += '; MFU n/a (no known peak for this device kind)'
     print(line)
   else:
     print('  FLOPs/step: n/a (no cost analysis from this backend)')
   if mem:
-    print(f'  XLA buffers: arguments {fmt_bytes(mem.get("argument_size_in_bytes"))}'
-          f', temporaries {fmt_bytes(mem.get("temp_size_in_bytes"))}, '
-          f'peak estimate {fmt_bytes(mem.get("xla_peak_estimate_bytes"))} '
-          '(per device)')
+    print(
+        f'  XLA buffers: arguments {fmt_bytes(mem.get("argument_size_in_bytes"))}'
+        f', temporaries {fmt_bytes(mem.get("temp_size_in_bytes"))}, '
+        f'peak estimate {fmt_bytes(mem.get("xla_peak_estimate_bytes"))} '
+        '(per device)'
+    )
 
 
 def aot_tpu(topology, per_chip, step, abstract_state, shapes, vggish, fsdp):
@@ -506,8 +671,12 @@ def aot_tpu(topology, per_chip, step, abstract_state, shapes, vggish, fsdp):
   # pylint: enable=g-import-not-at-top
   dims = topology.split(':')[-1]
   chips = int(np.prod([int(d) for d in dims.split('x')]))
-  out = {'topology': topology, 'chips': chips, 'per_chip_batch': per_chip,
-         'global_batch': per_chip * chips}
+  out = {
+      'topology': topology,
+      'chips': chips,
+      'per_chip_batch': per_chip,
+      'global_batch': per_chip * chips,
+  }
   try:
     topo = topologies.get_topology_desc(topology, 'tpu')
     mesh = jax.sharding.Mesh(np.asarray(topo.devices).reshape(-1), ('data',))
@@ -515,12 +684,17 @@ def aot_tpu(topology, per_chip, step, abstract_state, shapes, vggish, fsdp):
     out['global_batch'] = per_chip * chips
   except Exception as e:  # pylint: disable=broad-except
     out['topology_error'] = f'{type(e).__name__}: {e}'
-    print(f'AOT for TPU {topology}: get_topology_desc failed: '
-          f'{out["topology_error"]}')
-    print(f'  falling back to lowering (no compile) for platform tpu on an '
-          f'abstract {chips}-chip data mesh')
+    print(
+        f'AOT for TPU {topology}: get_topology_desc failed: '
+        f'{out["topology_error"]}'
+    )
+    print(
+        f'  falling back to lowering (no compile) for platform tpu on an '
+        f'abstract {chips}-chip data mesh'
+    )
     mesh = jax.sharding.AbstractMesh(
-        (chips,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+        (chips,), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
+    )
   rep = NamedSharding(mesh, P())
   dat = NamedSharding(mesh, P('data'))
   shardings = runtime.state_shardings(abstract_state, mesh, fsdp)
@@ -528,28 +702,41 @@ def aot_tpu(topology, per_chip, step, abstract_state, shapes, vggish, fsdp):
   state = jax.tree_util.tree_map(sds, abstract_state, shardings)
   frames, hw, setting = shapes
   host = random_batch(np.random.default_rng(0), 1, frames, hw, hw, setting)
-  batch = {k: jax.ShapeDtypeStruct((out['global_batch'],) + v.shape[1:],
-                                   v.dtype, sharding=dat)
-           for k, v in host.items() if k in runtime.DEVICE_KEYS}
+  batch = {
+      k: jax.ShapeDtypeStruct(
+          (out['global_batch'],) + v.shape[1:], v.dtype, sharding=dat
+      )
+      for k, v in host.items()
+      if k in runtime.DEVICE_KEYS
+  }
   audio = jax.tree_util.tree_map(
       lambda x: sds(x, rep),
-      jax.eval_shape(lambda: vggish.init(jax.random.key(0),
-                                         jnp.zeros((1, 96, 64)))))
-  step_fn = jax.jit(step, in_shardings=(shardings, dat, rep),
-                    out_shardings=(shardings, rep), donate_argnums=(0,))
+      jax.eval_shape(
+          lambda: vggish.init(jax.random.key(0), jnp.zeros((1, 96, 64)))
+      ),
+  )
+  step_fn = jax.jit(
+      step,
+      in_shardings=(shardings, dat, rep),
+      out_shardings=(shardings, rep),
+      donate_argnums=(0,),
+  )
   try:
     t0 = time.perf_counter()
     lowered = step_fn.trace(state, batch, audio).lower(
-        lowering_platforms=('tpu',))
+        lowering_platforms=('tpu',)
+    )
     out['lower_s'] = time.perf_counter() - t0
     text = lowered.as_text()
     out['lowered'] = True
     out['stablehlo_chars'] = len(text)
     out['num_partitions_in_module'] = f'mhlo.num_partitions = {chips}' in text
-    print(f'  lowered for tpu in {out["lower_s"]:.1f} s: StableHLO '
-          f'{len(text) / 1e6:.1f} M chars, mhlo.num_partitions = {chips}: '
-          f'{out["num_partitions_in_module"]}; global batch '
-          f'{out["global_batch"]} ({per_chip}/chip)')
+    print(
+        f'  lowered for tpu in {out["lower_s"]:.1f} s: StableHLO '
+        f'{len(text) / 1e6:.1f} M chars, mhlo.num_partitions = {chips}: '
+        f'{out["num_partitions_in_module"]}; global batch '
+        f'{out["global_batch"]} ({per_chip}/chip)'
+    )
     if 'topology_error' in out:
       return out
     compiled = lowered.compile()
@@ -560,8 +747,10 @@ def aot_tpu(topology, per_chip, step, abstract_state, shapes, vggish, fsdp):
   out['compiled'] = True
   out['flops_per_chip'] = flops_of(compiled)
   out['memory'] = memory_of(compiled)
-  print(f'AOT for TPU {topology}: compiled; {out["flops_per_chip"]} FLOPs '
-        f'per chip, memory {out["memory"]}')
+  print(
+      f'AOT for TPU {topology}: compiled; {out["flops_per_chip"]} FLOPs '
+      f'per chip, memory {out["memory"]}'
+  )
   return out
 
 
@@ -576,8 +765,17 @@ def scaling_study():
       skip = False
       continue
     name = a.split('=')[0]
-    if name in ('--scaling', '--per_device_batch', '--batch', '--devices',
-                '--json', '--eval', '--eval_only', '--profile', '--aot_tpu'):
+    if name in (
+        '--scaling',
+        '--per_device_batch',
+        '--batch',
+        '--devices',
+        '--json',
+        '--eval',
+        '--eval_only',
+        '--profile',
+        '--aot_tpu',
+    ):
       skip = '=' not in a and name not in ('--eval', '--eval_only')
       continue
     base.append(a)
@@ -586,10 +784,20 @@ def scaling_study():
     for mode in ('weak', 'fixed'):
       for n in counts:
         out = os.path.join(tmp, f'{mode}{n}.json')
-        cmd = [sys.executable, os.path.abspath(__file__), *base,
-               '--devices', str(n), '--json', out]
-        cmd += (['--per_device_batch', str(pdb)] if mode == 'weak' else
-                ['--batch', str(fixed)])
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            *base,
+            '--devices',
+            str(n),
+            '--json',
+            out,
+        ]
+        cmd += (
+            ['--per_device_batch', str(pdb)]
+            if mode == 'weak'
+            else ['--batch', str(fixed)]
+        )
         print('$', ' '.join(cmd[1:]), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
@@ -597,26 +805,42 @@ def scaling_study():
           raise SystemExit(f'scaling run failed ({n} devices, {mode})')
         with open(out) as f:
           rows.append((mode, n, json.load(f)))
-  print('\nscaling (simulated CPU devices; they share this machine\'s '
-        f'{os.cpu_count()} cores)')
-  print('mode   devices  global batch  per-device  step ms  clips/s  '
-        'CPU-s/step  loss@1      grad_norm@1  loss@last')
+  print(
+      "\nscaling (simulated CPU devices; they share this machine's "
+      f'{os.cpu_count()} cores)'
+  )
+  print(
+      'mode   devices  global batch  per-device  step ms  clips/s  '
+      'CPU-s/step  loss@1      grad_norm@1  loss@last'
+  )
   for mode, n, r in rows:
     f, l = r['first_step_metrics'], r['last_step_metrics']
-    print(f'{mode:6s} {n:7d}  {r["global_batch"]:12d}  '
-          f'{r["per_device_batch"]:10d}  {r["step_s"] * 1e3:7.0f}  '
-          f'{r["clips_per_s"]:7.3f}  {r["cpu_s_per_step"]:10.2f}  '
-          f'{f["loss"]:.7f}  {f["grad_norm"]:11.6f}  {l["loss"]:.7f}')
+    print(
+        f'{mode:6s} {n:7d}  {r["global_batch"]:12d}  '
+        f'{r["per_device_batch"]:10d}  {r["step_s"] * 1e3:7.0f}  '
+        f'{r["clips_per_s"]:7.3f}  {r["cpu_s_per_step"]:10.2f}  '
+        f'{f["loss"]:.7f}  {f["grad_norm"]:11.6f}  {l["loss"]:.7f}'
+    )
   fixed_rows = [r for mode, _, r in rows if mode == 'fixed']
   ref = fixed_rows[0]
-  worst = max(abs(r[k]['loss'] / ref[k]['loss'] - 1) for r in fixed_rows
-              for k in ('first_step_metrics', 'last_step_metrics'))
-  worst_g = max(abs(r['first_step_metrics']['grad_norm'] /
-                    ref['first_step_metrics']['grad_norm'] - 1)
-                for r in fixed_rows)
-  print(f'same global batch ({fixed} clips) over {counts} devices: largest '
-        f'relative difference to 1 device: loss {worst:.2e}, first-step '
-        f'grad norm {worst_g:.2e}')
+  worst = max(
+      abs(r[k]['loss'] / ref[k]['loss'] - 1)
+      for r in fixed_rows
+      for k in ('first_step_metrics', 'last_step_metrics')
+  )
+  worst_g = max(
+      abs(
+          r['first_step_metrics']['grad_norm']
+          / ref['first_step_metrics']['grad_norm']
+          - 1
+      )
+      for r in fixed_rows
+  )
+  print(
+      f'same global batch ({fixed} clips) over {counts} devices: largest '
+      f'relative difference to 1 device: loss {worst:.2e}, first-step '
+      f'grad norm {worst_g:.2e}'
+  )
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump([dict(r, mode=mode) for mode, _, r in rows], f, indent=2)

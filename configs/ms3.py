@@ -3,6 +3,7 @@
   python run.py --config=configs/ms3.py --workdir=workdirs/ms3 \
       --config.train.init_from=workdirs/s4/checkpoints   # optional
 """
+
 from configs import common
 
 

@@ -1,8 +1,9 @@
 """S4 (single sound source): the reference recipe, ResNet-50.
 
-  python run.py --config=configs/s4.py --workdir=workdirs/s4
-  python run.py --config=configs/s4.py:pvt_v2_b5 --workdir=workdirs/s4_pvt
+python run.py --config=configs/s4.py --workdir=workdirs/s4
+python run.py --config=configs/s4.py:pvt_v2_b5 --workdir=workdirs/s4_pvt
 """
+
 from configs import common
 
 

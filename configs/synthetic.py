@@ -9,6 +9,7 @@ shuffled and silent audio and writes a report to the workdir. VGGish has
 random frozen weights (no AudioSet weights here) and runs once per clip
 (`audio.precompute`).
 """
+
 from configs import common
 
 

@@ -21,6 +21,7 @@ unreadable file, or a frame/label count that does not fit the subset raises
 reported by `read_clips` and left out. No TensorFlow here; writing TFRecord
 shards from these records is not done yet.
 """
+
 import csv
 import dataclasses
 import json
@@ -39,8 +40,9 @@ CSV_FIELDS = ('uid', 'label', 'split')
 @dataclasses.dataclass(frozen=True)
 class Clip:
   """Where one AVSS clip's files are."""
+
   id: str
-  subset: str        # v1s | v1m | v2
+  subset: str  # v1s | v1m | v2
   split: str
   folder: str
 
@@ -55,13 +57,18 @@ def read_class_names(root):
     raise layout.LayoutError(f'{path}: cannot read: {e.strerror}') from e
   except ValueError as e:
     raise layout.LayoutError(f'{path}: not JSON: {e}') from e
-  if not isinstance(table, dict) or \
-      sorted(table.values()) != list(range(len(table))):
-    raise layout.LayoutError(f'{path}: expected {{name: index}} with indices '
-                             f'0..{len(table) - 1 if table else 0}')
+  if not isinstance(table, dict) or sorted(table.values()) != list(
+      range(len(table))
+  ):
+    raise layout.LayoutError(
+        f'{path}: expected {{name: index}} with indices '
+        f'0..{len(table) - 1 if table else 0}'
+    )
   if len(table) != avss.NUM_CLASSES:
-    raise layout.LayoutError(f'{path}: {len(table)} classes, AVSBench-'
-                             f'semantic has {avss.NUM_CLASSES}')
+    raise layout.LayoutError(
+        f'{path}: {len(table)} classes, AVSBench-'
+        f'semantic has {avss.NUM_CLASSES}'
+    )
   names = [''] * len(table)
   for name, i in table.items():
     names[i] = name
@@ -85,8 +92,11 @@ def read_clips(root):
     raise layout.LayoutError(f'{path}: not UTF-8 text ({e.reason})') from e
   missing = [c for c in CSV_FIELDS if rows and c not in rows[0]]
   if not rows or missing:
-    raise layout.LayoutError(f'{path}: no rows' if not rows else
-                             f'{path}: missing column(s) {missing}')
+    raise layout.LayoutError(
+        f'{path}: no rows'
+        if not rows
+        else f'{path}: missing column(s) {missing}'
+    )
   clips, problems, seen = [], [], set()
   for n, row in enumerate(rows, start=2):
     uid, subset, split = (row[c] or '' for c in CSV_FIELDS)
@@ -100,8 +110,7 @@ def read_clips(root):
     elif uid in seen:
       bad = f'clip {uid!r} listed twice'
     if bad:
-      problems.append(dict(split=split, id=uid, file=f'{path}:{n}',
-                           reason=bad))
+      problems.append(dict(split=split, id=uid, file=f'{path}:{n}', reason=bad))
       continue
     seen.add(uid)
     clips.append(Clip(uid, subset, split, os.path.join(root, subset, uid)))
@@ -117,8 +126,11 @@ def _numbered(folder, ext, what):
   while f'{count}{ext}' in names:
     count += 1
   if count != len(names):
-    raise layout.ClipError(folder, f'{what} files must be named 0{ext}, '
-                           f'1{ext}, ... without gaps; found {sorted(names)}')
+    raise layout.ClipError(
+        folder,
+        f'{what} files must be named 0{ext}, '
+        f'1{ext}, ... without gaps; found {sorted(names)}',
+    )
   return [os.path.join(folder, f'{i}{ext}') for i in range(count)]
 
 
@@ -127,10 +139,13 @@ def read_label(path, frame_size, pal):
   _, img = layout._open_image(path, 'label')  # pylint: disable=protected-access
   if img.size != frame_size:
     raise layout.ClipError(
-        path, f'label size {img.width}x{img.height} differs from its frame '
-        f'({frame_size[0]}x{frame_size[1]})')
+        path,
+        f'label size {img.width}x{img.height} differs from its frame '
+        f'({frame_size[0]}x{frame_size[1]})',
+    )
   return avss.color_to_label(np.asarray(img.convert('RGB')), pal).astype(
-      np.uint8)
+      np.uint8
+  )
 
 
 def read_log_mel(path):
@@ -138,8 +153,8 @@ def read_log_mel(path):
   layout.read_log_mel(path)  # the checks (missing, truncated, too short)
   ex = audio.waveform_to_examples(audio.load_audio(path), audio.SAMPLE_RATE)
   out = np.zeros((avss.FRAMES_PER_CLIP, 96, 64), np.float32)
-  ex = np.asarray(ex, np.float32)[:avss.FRAMES_PER_CLIP]
-  out[:len(ex)] = ex
+  ex = np.asarray(ex, np.float32)[: avss.FRAMES_PER_CLIP]
+  out[: len(ex)] = ex
   return out
 
 
@@ -152,49 +167,69 @@ def load_clip(clip):
   float32 [10, 96, 64]. Raises layout.ClipError naming the first bad file.
   """
   n_expected = 10 if clip.subset == 'v2' else 5
-  frame_paths = _numbered(os.path.join(clip.folder, 'frames'), '.jpg',
-                          'frame')
+  frame_paths = _numbered(os.path.join(clip.folder, 'frames'), '.jpg', 'frame')
   if len(frame_paths) != n_expected:
     raise layout.ClipError(
         os.path.join(clip.folder, 'frames'),
-        f'{len(frame_paths)} frames; a {clip.subset} clip has {n_expected}')
-  label_paths = _numbered(os.path.join(clip.folder, 'labels_rgb'), '.png',
-                          'label')
+        f'{len(frame_paths)} frames; a {clip.subset} clip has {n_expected}',
+    )
+  label_paths = _numbered(
+      os.path.join(clip.folder, 'labels_rgb'), '.png', 'label'
+  )
   if not 1 <= len(label_paths) <= n_expected:
     raise layout.ClipError(
         os.path.join(clip.folder, 'labels_rgb'),
         f'{len(label_paths)} labels; a {clip.subset} clip has 1 to '
-        f'{n_expected}')
+        f'{n_expected}',
+    )
   frames, sizes = zip(*(layout.read_frame(p) for p in frame_paths))
   if len(set(sizes)) != 1:
-    raise layout.ClipError(frame_paths[sizes.index(sizes[-1])],
-                           f'frames of one clip differ in size: {set(sizes)}')
+    raise layout.ClipError(
+        frame_paths[sizes.index(sizes[-1])],
+        f'frames of one clip differ in size: {set(sizes)}',
+    )
   w, h = sizes[0]
   pal = avss.palette()
   labels = np.zeros((avss.FRAMES_PER_CLIP, h, w), np.uint8)
   for i, p in enumerate(label_paths):
     labels[i] = read_label(p, (w, h), pal)
   frame_mask, gt_mask = avss.temporal_masks(clip.subset)
-  return dict(id=clip.id, subset=clip.subset, split=clip.split,
-              frames=list(frames), labels=labels,
-              num_labels=len(label_paths), frame_mask=frame_mask,
-              gt_mask=gt_mask,
-              log_mel=read_log_mel(os.path.join(clip.folder, 'audio.wav')))
+  return dict(
+      id=clip.id,
+      subset=clip.subset,
+      split=clip.split,
+      frames=list(frames),
+      labels=labels,
+      num_labels=len(label_paths),
+      frame_mask=frame_mask,
+      gt_mask=gt_mask,
+      log_mel=read_log_mel(os.path.join(clip.folder, 'audio.wav')),
+  )
 
 
-def make_synthetic_tree(root, clips=(('v2', 'train'), ('v1s', 'train'),
-                                     ('v1m', 'test')), size=(48, 32), seed=0):
+def make_synthetic_tree(
+    root,
+    clips=(('v2', 'train'), ('v1s', 'train'), ('v1m', 'test')),
+    size=(48, 32),
+    seed=0,
+):
   """A tiny AVSBench-semantic tree for tests: coloured rectangles of random
   classes, a 440 Hz tone. Returns {uid: labels uint8 [n_labels, H, W]}."""
   import soundfile  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
   w, h = size
   pal = avss.palette()
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, 'label2idx.json'), 'w') as f:
-    json.dump({('background' if i == 0 else f'class_{i}'): i
-               for i in range(avss.NUM_CLASSES)}, f)
+    json.dump(
+        {
+            ('background' if i == 0 else f'class_{i}'): i
+            for i in range(avss.NUM_CLASSES)
+        },
+        f,
+    )
   truth = {}
   with open(os.path.join(root, 'metadata.csv'), 'w', newline='') as f:
     writer = csv.writer(f)
@@ -211,17 +246,22 @@ def make_synthetic_tree(root, clips=(('v2', 'train'), ('v1s', 'train'),
       for i in range(n):
         lab = np.zeros((h, w), np.uint8)
         y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
-        lab[y0:y0 + h // 2, x0:x0 + w // 2] = rng.integers(1, 71)
+        lab[y0 : y0 + h // 2, x0 : x0 + w // 2] = rng.integers(1, 71)
         img = pal[lab].astype(np.float32) * 0.5 + rng.uniform(0, 60, (h, w, 3))
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
-            os.path.join(folder, 'frames', f'{i}.jpg'), quality=95)
+            os.path.join(folder, 'frames', f'{i}.jpg'), quality=95
+        )
         if i < k:
           Image.fromarray(pal[lab]).save(
-              os.path.join(folder, 'labels_rgb', f'{i}.png'))
+              os.path.join(folder, 'labels_rgb', f'{i}.png')
+          )
           labs.append(lab)
       t = np.arange(16000 * n) / 16000
-      soundfile.write(os.path.join(folder, 'audio.wav'),
-                      (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32),
-                      16000, subtype='PCM_16')
+      soundfile.write(
+          os.path.join(folder, 'audio.wav'),
+          (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32),
+          16000,
+          subtype='PCM_16',
+      )
       truth[uid] = np.stack(labs)
   return truth

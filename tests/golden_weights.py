@@ -4,6 +4,7 @@ Recipe (tests/data/golden/README.md): each tensor comes from
 `default_rng(crc32(key))`'s standard normal draw of its shape, scaled by leaf
 name and rank. `num_batches_tracked` entries are left out.
 """
+
 import json
 import zlib
 
@@ -36,5 +37,8 @@ def rebuild_state_dict(shapes):
     shapes = shapes.item()
   if isinstance(shapes, (str, bytes)):
     shapes = json.loads(shapes)
-  return {k: rebuild_tensor(k, s) for k, s in shapes.items()
-          if not k.endswith('num_batches_tracked')}
+  return {
+      k: rebuild_tensor(k, s)
+      for k, s in shapes.items()
+      if not k.endswith('num_batches_tracked')
+  }

@@ -1,4 +1,5 @@
 """Subprocesses for the end-to-end tests: environment, logs, run.py."""
+
 import os
 import socket
 import subprocess
@@ -11,18 +12,25 @@ TIMEOUT = 1500  # a cold compilation cache on two busy cores
 def env(cache, devices=None, **extra):
   """The environment of a CPU subprocess sharing the compilation `cache`."""
   e = dict(os.environ)
-  flags = [f for f in e.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
+  flags = [
+      f
+      for f in e.get('XLA_FLAGS', '').split()
+      if not f.startswith('--xla_force_host_platform_device_count')
+  ]
   if devices:
     flags.append(f'--xla_force_host_platform_device_count={devices}')
   e.update(
-      XLA_FLAGS=' '.join(flags), JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
+      XLA_FLAGS=' '.join(flags),
+      JAX_PLATFORMS='cpu',
+      CUDA_VISIBLE_DEVICES='',
       TF_CPP_MIN_LOG_LEVEL='2',
       JAX_COMPILATION_CACHE_DIR=cache,
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
-      PYTHONPATH=os.pathsep.join([REPO] + [p for p in [
-          os.environ.get('PYTHONPATH')] if p]))
+      PYTHONPATH=os.pathsep.join(
+          [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]
+      ),
+  )
   e.update(extra)
   return e
 
@@ -39,8 +47,9 @@ class Proc:
   def __init__(self, args, log, env_):
     self.log = log
     self._f = open(log, 'w')
-    self.popen = subprocess.Popen(args, cwd=REPO, env=env_, stdout=self._f,
-                                  stderr=subprocess.STDOUT)
+    self.popen = subprocess.Popen(
+        args, cwd=REPO, env=env_, stdout=self._f, stderr=subprocess.STDOUT
+    )
 
   def wait(self, timeout=TIMEOUT):
     try:
@@ -72,5 +81,15 @@ def flags(overrides):
 
 def run_py(workdir, overrides, log, env_, *extra):
   """`python run.py --config=configs/synthetic.py` with the overrides."""
-  return Proc([sys.executable, 'run.py', '--config=configs/synthetic.py',
-               f'--workdir={workdir}', *flags(overrides), *extra], log, env_)
+  return Proc(
+      [
+          sys.executable,
+          'run.py',
+          '--config=configs/synthetic.py',
+          f'--workdir={workdir}',
+          *flags(overrides),
+          *extra,
+      ],
+      log,
+      env_,
+  )

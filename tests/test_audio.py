@@ -1,4 +1,5 @@
 """VGGish log-mel front-end: reference fixture and basic properties."""
+
 import os
 
 import jax
@@ -8,8 +9,9 @@ import soundfile as sf
 
 from avs_jax import audio
 
-GOLDEN = os.path.join(os.path.dirname(__file__), 'data', 'golden',
-                      'vggish_16k.npz')
+GOLDEN = os.path.join(
+    os.path.dirname(__file__), 'data', 'golden', 'vggish_16k.npz'
+)
 
 
 def rel_l2(a, b):
@@ -54,7 +56,8 @@ def test_int16_is_scaled_like_float(golden):
   pcm = golden['pcm_int16']
   np.testing.assert_array_equal(
       audio.waveform_to_examples(pcm, 16000),
-      audio.waveform_to_examples(pcm / 32768.0, 16000))
+      audio.waveform_to_examples(pcm / 32768.0, 16000),
+  )
 
 
 def test_stereo_is_mono_mix(tmp_path):
@@ -63,8 +66,9 @@ def test_stereo_is_mono_mix(tmp_path):
   mono = (left.astype(np.float64) + right) / 2
   ref = audio.waveform_to_examples(mono, 16000)
   assert ref.shape == (2, 96, 64)
-  np.testing.assert_allclose(audio.waveform_to_examples(stereo, 16000), ref,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      audio.waveform_to_examples(stereo, 16000), ref, atol=1e-5
+  )
   path = tmp_path / 'stereo.wav'
   sf.write(path, stereo, 16000, subtype='FLOAT')
   loaded = audio.load_audio(path)
@@ -89,11 +93,13 @@ def test_resampled_tone_lands_in_its_mel_band(tmp_path):
   # Loose: soxr vs an exact 16 kHz tone, in the bands that carry energy.
   loud = ref[:, 5:-5].mean(axis=(0, 1)) > -2.0
   assert loud.sum() >= 1
-  np.testing.assert_allclose(ex[:, 5:-5][..., loud], ref[:, 5:-5][..., loud],
-                             atol=0.05)
+  np.testing.assert_allclose(
+      ex[:, 5:-5][..., loud], ref[:, 5:-5][..., loud], atol=0.05
+  )
   # The array path resamples the same way.
   np.testing.assert_allclose(
-      audio.waveform_to_examples(tone(freq, 3, 44100), 44100), ex, atol=1e-3)
+      audio.waveform_to_examples(tone(freq, 3, 44100), 44100), ex, atol=1e-3
+  )
 
 
 def test_clip_pads_by_repeating_last_example():

@@ -1,4 +1,5 @@
 """AVSS pieces not covered by the golden parity tests: config, errors, masks."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +26,10 @@ def test_config_builds_the_avss_model():
   assert tuple(c.loss.avm_stages) == (0, 1, 2, 3) and c.loss.avm_weight == 0.5
   shapes = jax.eval_shape(
       build_model(avss_config.get_config('resnet50').model).init,
-      jax.random.key(0), jnp.zeros((1, 10, 64, 64, 3)),
-      jnp.zeros((1, 10, 128)))
+      jax.random.key(0),
+      jnp.zeros((1, 10, 64, 64, 3)),
+      jnp.zeros((1, 10, 128)),
+  )
   p = shapes['params']
   assert p['output_conv_4']['kernel'].shape == (1, 1, 32, 71)
   assert 'bias' not in p['tpavi_b1']['align_channel']
@@ -43,8 +46,11 @@ def test_tpavi_groups_of_five_frames():
   v = model.init(jax.random.key(0), x, a)
   # Non-zero W_z BatchNorm scale so that TPAVI is not the identity + norm.
   v = jax.tree_util.tree_map_with_path(
-      lambda p, w: jnp.ones_like(w) if 'W_z_1' in str(p) and 'scale' in
-      str(p) else w, v)
+      lambda p, w: jnp.ones_like(w)
+      if 'W_z_1' in str(p) and 'scale' in str(p)
+      else w,
+      v,
+  )
   out = model.apply(v, x, a)['logits']
   x2, a2 = x.copy(), a.copy()
   x2[:, 5:] *= -1
@@ -61,13 +67,17 @@ def test_bad_inputs_raise_clear_errors():
   x = jnp.zeros((1, 10, 32, 32, 3))
   a = jnp.zeros((1, 10, 128))
   with pytest.raises(ValueError, match='frame_mask must be'):
-    jax.eval_shape(model.init, jax.random.key(0), x, a,
-                   frame_mask=jnp.ones((1, 5)))
+    jax.eval_shape(
+        model.init, jax.random.key(0), x, a, frame_mask=jnp.ones((1, 5))
+    )
   with pytest.raises(ValueError, match='multiple of tpavi_group'):
     jax.eval_shape(model.init, jax.random.key(0), x[:, :7], a[:, :7])
   with pytest.raises(ValueError, match=r'\[B, T, H, W, K\]'):
-    losses.avss_loss({'logits': jnp.zeros((1, 10, 8, 8))},
-                     jnp.zeros((1, 10, 8, 8), jnp.int32), jnp.ones((1, 10)))
+    losses.avss_loss(
+        {'logits': jnp.zeros((1, 10, 8, 8))},
+        jnp.zeros((1, 10, 8, 8), jnp.int32),
+        jnp.ones((1, 10)),
+    )
   with pytest.raises(ValueError, match='not an AVS/AVSS checkpoint'):
     avss.model_config_from_state_dict({'fc.weight': np.zeros((2, 2))})
   with pytest.raises(ValueError, match='unknown AVSBench-semantic subset'):
@@ -90,9 +100,10 @@ def test_ce_loss_weights_frames_and_handles_no_annotation():
   nll = -np.asarray(jax.nn.log_softmax(logits))
   per = np.take_along_axis(nll, np.asarray(labels)[..., None], -1)[..., 0]
   per_frame = per.mean(axis=(2, 3))[0]
-  gt = np.array([[1.] + [0.] * 9])
-  np.testing.assert_allclose(losses.avss_ce_loss(logits, labels, gt),
-                             per_frame[0], rtol=1e-6)
+  gt = np.array([[1.0] + [0.0] * 9])
+  np.testing.assert_allclose(
+      losses.avss_ce_loss(logits, labels, gt), per_frame[0], rtol=1e-6
+  )
   assert float(losses.avss_ce_loss(logits, labels, np.zeros((1, 10)))) == 0
 
 
@@ -116,22 +127,24 @@ def test_tiny_avss_model_learns_masked_clips():
   learns coloured squares with the AVSS loss (CE + 0.5 AVM-KL): the CE falls
   and the mIoU over classes rises, through frame masks and TPAVI groups."""
   import optax
+
   model = tiny_model(num_classes=4)
   rng = np.random.default_rng(0)
-  colours = np.array([[0, 0, 0], [2, -2, 0], [-2, 0, 2], [0, 2, -2]],
-                     np.float32)
+  colours = np.array(
+      [[0, 0, 0], [2, -2, 0], [-2, 0, 2], [0, 2, -2]], np.float32
+  )
 
   def batch(n):
     labels = np.zeros((n, 10, 32, 32), np.int32)
     for b in range(n):
       for t in range(5):
         y, x = rng.integers(0, 16, 2)
-        labels[b, t, y:y + 16, x:x + 16] = rng.integers(1, 4)
+        labels[b, t, y : y + 16, x : x + 16] = rng.integers(1, 4)
     frames = colours[labels] + 0.3 * rng.standard_normal(labels.shape + (3,))
     frames[:, 5:] = 0
     labels[:, 5:] = 0
     audio = rng.standard_normal((n, 10, 128)).astype(np.float32)
-    mask = np.tile(np.array([1.] * 5 + [0.] * 5, np.float32), (n, 1))
+    mask = np.tile(np.array([1.0] * 5 + [0.0] * 5, np.float32), (n, 1))
     return frames.astype(np.float32), audio, labels, mask
 
   x, a, y, m = batch(2)
@@ -142,22 +155,32 @@ def test_tiny_avss_model_learns_masked_clips():
   @jax.jit
   def step(params, stats, opt_state, x, a, y, m):
     def loss_fn(p):
-      out, new = model.apply({'params': p, 'batch_stats': stats}, x, a,
-                             train=True, frame_mask=m,
-                             mutable=['batch_stats'])
-      loss, aux = losses.avss_loss(out, y, m, avm_weight=0.5,
-                                   avm_stages=(0, 1, 2, 3))
+      out, new = model.apply(
+          {'params': p, 'batch_stats': stats},
+          x,
+          a,
+          train=True,
+          frame_mask=m,
+          mutable=['batch_stats'],
+      )
+      loss, aux = losses.avss_loss(
+          out, y, m, avm_weight=0.5, avm_stages=(0, 1, 2, 3)
+      )
       return loss, (aux, new['batch_stats'])
+
     (_, (aux, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
     upd, opt_state = opt.update(g, opt_state)
     return optax.apply_updates(params, upd), stats, opt_state, aux
 
   @jax.jit
   def evaluate(params, stats, x, a, y, m):
-    out = model.apply({'params': params, 'batch_stats': stats}, x, a,
-                      frame_mask=m)
-    return (losses.avss_ce_loss(out['logits'], y, m),
-            metrics.avss_clip_metrics(out['logits'], y))
+    out = model.apply(
+        {'params': params, 'batch_stats': stats}, x, a, frame_mask=m
+    )
+    return (
+        losses.avss_ce_loss(out['logits'], y, m),
+        metrics.avss_clip_metrics(out['logits'], y),
+    )
 
   test = batch(4)
   params, stats = v['params'], v['batch_stats']

@@ -1,4 +1,5 @@
 """Smoke test: bench/train_step.py runs in a CI-sized setting and prints its figures."""
+
 import json
 import os
 import re
@@ -16,25 +17,49 @@ def run_bench(tmp_path, *args):
   env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='')
   env.pop('XLA_FLAGS', None)
   proc = subprocess.run(
-      [sys.executable, BENCH, '--backbone', 'pvt_v2_b0', '--image_size', '32',
-       '--frames', '2', '--config.model.channels=16', '--steps', '1',
-       '--warmup', '0', '--init', 'host', '--json', str(out), *args],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-      check=False)
+      [
+          sys.executable,
+          BENCH,
+          '--backbone',
+          'pvt_v2_b0',
+          '--image_size',
+          '32',
+          '--frames',
+          '2',
+          '--config.model.channels=16',
+          '--steps',
+          '1',
+          '--warmup',
+          '0',
+          '--init',
+          'host',
+          '--json',
+          str(out),
+          *args,
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   with open(out) as f:
     return proc.stdout, json.load(f)
 
 
 def test_train_and_eval_step_on_two_simulated_devices(tmp_path):
-  stdout, res = run_bench(tmp_path, '--devices', '2', '--per_device_batch',
-                          '1', '--eval')
+  stdout, res = run_bench(
+      tmp_path, '--devices', '2', '--per_device_batch', '1', '--eval'
+  )
   assert 'device: cpu x 2' in stdout
   assert '--xla_cpu_experimental_ynn_fusion_type=' in res['xla_flags']
   assert res['devices'] == 2 and res['global_batch'] == 2
   for name in ('train', 'eval'):
-    line = re.search(rf'^{name} step: ([\d.]+) ms median \(([\d.]+) clips/s\)',
-                     stdout, re.M)
+    line = re.search(
+        rf'^{name} step: ([\d.]+) ms median \(([\d.]+) clips/s\)', stdout, re.M
+    )
     assert line, stdout
     assert float(line.group(1)) > 0 and float(line.group(2)) > 0
   flops = re.findall(r'FLOPs/step ([\d.]+) GFLOP', stdout)
@@ -43,7 +68,8 @@ def test_train_and_eval_step_on_two_simulated_devices(tmp_path):
   assert 'MFU n/a' in stdout  # CPU: no vendor peak
   assert re.search(r'process peak RSS [\d.]+ GiB', stdout)
   assert res['step_s'] > 0 and res['clips_per_s'] == pytest.approx(
-      2 / res['step_s'])
+      2 / res['step_s']
+  )
   assert res['flops_per_step'] > res['eval_flops_per_step'] > 0
   assert res['train_memory']['temp_size_in_bytes'] > 0
   assert res['eval_clips_per_s'] > 0

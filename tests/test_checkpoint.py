@@ -1,4 +1,5 @@
 """Orbax manager policy: the last K checkpoints plus the best by val J."""
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -10,9 +11,13 @@ def test_best_by_val_j_is_kept_and_found_after_reload(tmp_path):
   mngr = ckpt_lib.manager(d, keep=1)
   # val J per step; step 4 is a preemption save without metrics.
   for step, j in [(1, 0.3), (2, np.float64(0.9)), (3, 0.5), (4, None)]:
-    ckpt_lib.save(mngr, step, {'w': jnp.full((3,), float(step))},
-                  metrics=None if j is None else {ckpt_lib.BEST_METRIC: j},
-                  force=True)
+    ckpt_lib.save(
+        mngr,
+        step,
+        {'w': jnp.full((3,), float(step))},
+        metrics=None if j is None else {ckpt_lib.BEST_METRIC: j},
+        force=True,
+    )
   mngr.wait_until_finished()
   mngr.close()
   # A new manager (a new process: eval, resume) sees the metrics on disk.

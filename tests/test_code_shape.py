@@ -6,6 +6,7 @@ has no cycle, `avs_jax` never imports `data_prep` (the dependency goes one
 way), and no function in `avs_jax/` is longer than `MAX_LINES` (docstring
 excluded) unless a `# long:` comment in it says why.
 """
+
 import ast
 import os
 
@@ -25,23 +26,27 @@ def modules():
         if f.endswith('.py'):
           rel = os.path.relpath(os.path.join(d, f), ROOT)[:-3]
           name = rel.replace(os.sep, '.')
-          out[name[:-len('.__init__')] if name.endswith('__init__') else
-              name] = os.path.join(d, f)
+          out[
+              name[: -len('.__init__')] if name.endswith('__init__') else name
+          ] = os.path.join(d, f)
   return out
 
 
 def imported(tree, name, known):
   """Modules of `known` that the module `name` (its AST) imports."""
   deps = set()
-  package = name if name in PACKAGES or any(
-      k.startswith(name + '.') for k in known) else name.rpartition('.')[0]
+  package = (
+      name
+      if name in PACKAGES or any(k.startswith(name + '.') for k in known)
+      else name.rpartition('.')[0]
+  )
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       targets = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ''
       if node.level:
-        parts = package.split('.')[:len(package.split('.')) - node.level + 1]
+        parts = package.split('.')[: len(package.split('.')) - node.level + 1]
         base = '.'.join(parts + ([base] if base else []))
       targets = [f'{base}.{a.name}' for a in node.names] + [base]
     else:
@@ -75,7 +80,7 @@ def find_cycle(graph):
       if n in PACKAGES or m.startswith(n + '.'):
         continue
       if state.get(m) == 'open':
-        return stack[stack.index(m):] + [m]
+        return stack[stack.index(m) :] + [m]
       if m not in state:
         found = visit(m)
         if found:
@@ -93,13 +98,17 @@ def find_cycle(graph):
 
 
 def test_the_checker_finds_a_cycle():
-  assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c',
-                                                              'a']
+  assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == [
+      'a',
+      'b',
+      'c',
+      'a',
+  ]
   assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': set()}) is None
   tree = ast.parse('def f():\n  from avs_jax import train\n')
-  assert imported(tree, 'avs_jax.evaluate',
-                  {'avs_jax', 'avs_jax.train', 'avs_jax.evaluate'}) == {
-                      'avs_jax', 'avs_jax.train'}
+  assert imported(
+      tree, 'avs_jax.evaluate', {'avs_jax', 'avs_jax.train', 'avs_jax.evaluate'}
+  ) == {'avs_jax', 'avs_jax.train'}
 
 
 def test_no_import_cycle():
@@ -109,8 +118,11 @@ def test_no_import_cycle():
 
 
 def test_avs_jax_does_not_import_data_prep():
-  bad = {n: sorted(d for d in deps if d.startswith('data_prep'))
-         for n, deps in import_graph().items() if n.startswith('avs_jax')}
+  bad = {
+      n: sorted(d for d in deps if d.startswith('data_prep'))
+      for n, deps in import_graph().items()
+      if n.startswith('avs_jax')
+  }
   assert not {n: d for n, d in bad.items() if d}
 
 
@@ -123,17 +135,26 @@ def long_functions(path):
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
       n = node.end_lineno - node.lineno + 1
       doc = node.body[0]
-      if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) \
-          and isinstance(doc.value.value, str):
+      if (
+          isinstance(doc, ast.Expr)
+          and isinstance(doc.value, ast.Constant)
+          and isinstance(doc.value.value, str)
+      ):
         n -= doc.end_lineno - doc.lineno + 1  # the docstring does not count
-      body = lines[node.lineno - 1:node.end_lineno]
+      body = lines[node.lineno - 1 : node.end_lineno]
       if n > MAX_LINES and not any('# long:' in l for l in body):
-        out.append(f'{os.path.relpath(path, ROOT)}:{node.lineno} '
-                   f'{node.name} ({n} lines)')
+        out.append(
+            f'{os.path.relpath(path, ROOT)}:{node.lineno} '
+            f'{node.name} ({n} lines)'
+        )
   return out
 
 
 def test_no_long_functions_in_avs_jax():
-  found = [f for name, path in modules().items() if name.startswith('avs_jax')
-           for f in long_functions(path)]
+  found = [
+      f
+      for name, path in modules().items()
+      if name.startswith('avs_jax')
+      for f in long_functions(path)
+  ]
   assert not found, found

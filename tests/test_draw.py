@@ -1,4 +1,5 @@
 """Pictures: overlays, denormalisation, the report's PNGs."""
+
 import json
 
 import numpy as np
@@ -18,8 +19,9 @@ def test_overlay_tints_the_mask_and_outlines_it():
   edge = mask.copy()
   edge[2:4, 2:4] = False
   assert (out[edge] == 255).all()  # white outline
-  np.testing.assert_array_equal(out[2:4, 2:4].reshape(-1, 3),
-                                [[177, 70, 70]] * 4)  # half grey, half red
+  np.testing.assert_array_equal(
+      out[2:4, 2:4].reshape(-1, 3), [[177, 70, 70]] * 4
+  )  # half grey, half red
   # On an object of the tint's colour the outline still shows.
   red = np.zeros_like(frame)
   red[...] = (255, 40, 40)
@@ -40,8 +42,9 @@ def test_training_curve_and_clip_grid_write_pngs(tmp_path):
   draw.training_curve(str(jsonl), str(tmp_path / 'curve.png'))
   frames = np.zeros((2, 3, 8, 8, 3), np.uint8)
   masks = np.zeros((2, 3, 8, 8), np.float32)
-  draw.clip_grid(frames, masks, masks > 0, ['a', 'b'],
-                 str(tmp_path / 'grid.png'))
+  draw.clip_grid(
+      frames, masks, masks > 0, ['a', 'b'], str(tmp_path / 'grid.png')
+  )
   for name, rows_cols in (('curve.png', None), ('grid.png', (2 * 3, 3))):
     img = Image.open(tmp_path / name)
     assert img.size[0] > 100 and img.size[1] > 100, name

@@ -1,4 +1,5 @@
 """Evaluation pieces that need no model: broken audio, result names, rows."""
+
 import jax
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ from avs_jax import runtime
 
 
 def _log_mel(b, seed=0):
-  return np.random.default_rng(seed).normal(size=(b, 5, 96, 64)).astype(
-      np.float32)
+  return (
+      np.random.default_rng(seed).normal(size=(b, 5, 96, 64)).astype(np.float32)
+  )
 
 
 def test_break_audio_true_and_silent():
@@ -31,8 +33,10 @@ def test_break_audio_shuffled_permutes_valid_clips_only():
   out = evaluate.break_audio(x, valid, 'shuffled')
   np.testing.assert_array_equal(x, before)  # input untouched
   # Valid clips get each other's audio (a derangement: never their own).
-  src = [int(np.flatnonzero([(out[i] == x[j]).all() for j in range(5)])[0])
-         for i in range(5)]
+  src = [
+      int(np.flatnonzero([(out[i] == x[j]).all() for j in range(5)])[0])
+      for i in range(5)
+  ]
   assert sorted(src[i] for i in (0, 2, 3)) == [0, 2, 3]
   assert all(src[i] != i for i in (0, 2, 3))
   # Padding keeps its own (ignored) audio.

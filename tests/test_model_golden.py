@@ -3,6 +3,7 @@
 Weights are rebuilt from each key by the fixture recipe and go through
 `torch_to_flax`, exactly as a real checkpoint would.
 """
+
 import functools
 import json
 import os
@@ -19,9 +20,9 @@ from avs_jax.models import build_model
 from golden_weights import rebuild_state_dict
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'data', 'golden')
-FWD_TOL = 1e-4     # relative L2, forward arrays (fixture README)
+FWD_TOL = 1e-4  # relative L2, forward arrays (fixture README)
 SCALAR_TOL = 1e-4  # relative, losses
-GRAD_TOL = 1e-3    # relative L2, gradients
+GRAD_TOL = 1e-3  # relative L2, gradients
 
 
 def rel(ours, ref):
@@ -30,10 +31,16 @@ def rel(ours, ref):
 
 
 def model_config(cfg):
-  return ml_collections.ConfigDict(dict(
-      backbone=cfg['backbone'], channels=cfg['channel'],
-      tpavi_stages=cfg['tpavi_stages'], tpavi_mode=cfg['tpavi_mode'],
-      tpavi_vv=cfg['tpavi_vv'], tpavi_va=cfg['tpavi_va']))
+  return ml_collections.ConfigDict(
+      dict(
+          backbone=cfg['backbone'],
+          channels=cfg['channel'],
+          tpavi_stages=cfg['tpavi_stages'],
+          tpavi_mode=cfg['tpavi_mode'],
+          tpavi_vv=cfg['tpavi_vv'],
+          tpavi_va=cfg['tpavi_va'],
+      )
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,7 +51,8 @@ def load(name):
   d['cfg'] = cfg
   d['mcfg'] = model_config(cfg)
   d['variables'] = torch_weights.torch_to_flax(
-      rebuild_state_dict(d['state_dict_shapes']), d['mcfg'])
+      rebuild_state_dict(d['state_dict_shapes']), d['mcfg']
+  )
   # PyTorch [B*T, C, H, W] -> ours [B, T, H, W, C].
   d['x_frames'] = d['frames'].reshape(-1, t, 3, h, w).transpose(0, 1, 3, 4, 2)
   d['x_audio'] = d['audio_embedding'].reshape(-1, t, 128)
@@ -57,8 +65,9 @@ def to_ours(v_map, t):
   return v_map.reshape(-1, t, *v_map.shape[1:]).transpose(0, 1, 3, 4, 2)
 
 
-@pytest.mark.parametrize('name', ['avs_resnet50_224.npz',
-                                  'avs_pvt_v2_b5_224.npz'])
+@pytest.mark.parametrize(
+    'name', ['avs_resnet50_224.npz', 'avs_pvt_v2_b5_224.npz']
+)
 def test_eval_forward_and_losses(name):
   d = load(name)
   t = d['cfg']['frames_per_clip']
@@ -75,8 +84,9 @@ def test_eval_forward_and_losses(name):
   total, aux = losses.avs_loss(out, masks, setting='ms3', avm_weight=0.5, **kw)
   np.testing.assert_allclose(aux['bce'], d['loss_ms3_bce'], rtol=SCALAR_TOL)
   np.testing.assert_allclose(aux['avm'], d['loss_ms3_avm_kl'], rtol=SCALAR_TOL)
-  np.testing.assert_allclose(total, d['loss_ms3_total_lambda0.5_kl'],
-                             rtol=SCALAR_TOL)
+  np.testing.assert_allclose(
+      total, d['loss_ms3_total_lambda0.5_kl'], rtol=SCALAR_TOL
+  )
   s4, _ = losses.avs_loss(out, masks, setting='s4')
   np.testing.assert_allclose(s4, d['loss_s4_bce_first_frame'], rtol=SCALAR_TOL)
 
@@ -90,16 +100,30 @@ def _train_grads(d, dtype):
   def loss_fn(params):
     out, new_state = model.apply(
         {'params': params, 'batch_stats': variables['batch_stats']},
-        cast(d['x_frames']), cast(d['x_audio']), train=True,
-        mutable=['batch_stats'])
-    loss, aux = losses.avs_loss(out, cast(d['x_masks']), setting='ms3',
-                                avm_weight=0.5, avm_stages=(0, 1, 2, 3))
+        cast(d['x_frames']),
+        cast(d['x_audio']),
+        train=True,
+        mutable=['batch_stats'],
+    )
+    loss, aux = losses.avs_loss(
+        out,
+        cast(d['x_masks']),
+        setting='ms3',
+        avm_weight=0.5,
+        avm_stages=(0, 1, 2, 3),
+    )
     return loss, (aux, out['logits'], new_state)
 
   (loss, (aux, logits, state)), grads = jax.jit(
-      jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
-  return (loss, aux, logits, torch_weights.variables_to_torch({'params': grads}),
-          torch_weights.variables_to_torch(state))
+      jax.value_and_grad(loss_fn, has_aux=True)
+  )(variables['params'])
+  return (
+      loss,
+      aux,
+      logits,
+      torch_weights.variables_to_torch({'params': grads}),
+      torch_weights.variables_to_torch(state),
+  )
 
 
 @pytest.fixture(scope='module')
@@ -113,12 +137,13 @@ def test_train_forward_loss_and_batch_stats(train_results):
   assert rel(logits, d['logits'].reshape(d['x_masks'].shape)) < FWD_TOL
   np.testing.assert_allclose(aux['bce'], d['loss_ms3_bce'], rtol=SCALAR_TOL)
   np.testing.assert_allclose(aux['avm'], d['loss_ms3_avm_kl'], rtol=SCALAR_TOL)
-  np.testing.assert_allclose(loss, d['loss_ms3_total_lambda0.5_kl'],
-                             rtol=SCALAR_TOL)
+  np.testing.assert_allclose(
+      loss, d['loss_ms3_total_lambda0.5_kl'], rtol=SCALAR_TOL
+  )
   keys = [k for k in d if k.startswith('updated/')]
   assert keys
   for k in keys:  # PyTorch momentum 0.1, unbiased running variance.
-    assert rel(stats[k[len('updated/'):]], d[k]) < FWD_TOL, k
+    assert rel(stats[k[len('updated/') :]], d[k]) < FWD_TOL, k
 
 
 def test_train_gradients(train_results):
@@ -138,10 +163,10 @@ def test_train_gradients(train_results):
   keys = [k for k in d if k.startswith('grad/')]
   assert len(keys) >= 10
   for k in keys:
-    key = k[len('grad/'):]
+    key = k[len('grad/') :]
     noise = rel(g32[key], g64[key])
     bound = max(GRAD_TOL, 2 * noise)
     assert rel(d[k], g64[key]) < bound, (key, rel(d[k], g64[key]), noise)
   # Most of the fixture's gradients meet the plain bound directly in float32.
-  direct = [k for k in keys if rel(g32[k[len('grad/'):]], d[k]) < GRAD_TOL]
+  direct = [k for k in keys if rel(g32[k[len('grad/') :]], d[k]) < GRAD_TOL]
   assert len(direct) >= len(keys) // 2, direct

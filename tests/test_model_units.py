@@ -5,6 +5,7 @@ reference `TPAVIModule.forward` (full [THW, THW] affinity, NCTHW layout);
 the full model against its structural contract (shapes, T, batch
 independence, bf16, train mode, errors).
 """
+
 import functools
 
 import flax
@@ -44,44 +45,48 @@ def naive_tpavi(x_nthwc, audio, tp, mode, train=False, eps=1e-5):
   Returns (z [B, T, H, W, C], audio_temp [B, T, C] or None, batch mean,
   biased batch var) -- the last two only meaningful in train mode.
   """
-  x = np.transpose(x_nthwc, (0, 4, 1, 2, 3))            # [B, C, T, H, W]
+  x = np.transpose(x_nthwc, (0, 4, 1, 2, 3))  # [B, C, T, H, W]
   b, c, t, h, w = x.shape
   ci = c // 2
   audio_temp = None
   if audio is not None:
     audio_temp = audio @ tp['align_channel.weight'].T + tp['align_channel.bias']
-    a = np.transpose(audio_temp, (0, 2, 1))[..., None, None]   # [B, C, T, 1, 1]
-    a = np.tile(a, (1, 1, 1, h, w))                       # [B, C, T, H, W]
+    a = np.transpose(audio_temp, (0, 2, 1))[..., None, None]  # [B, C, T, 1, 1]
+    a = np.tile(a, (1, 1, 1, h, w))  # [B, C, T, H, W]
   else:
     a = x
   g_x = _conv1x1(tp['g.weight'], tp['g.bias'], x).reshape(b, ci, -1)
-  g_x = np.transpose(g_x, (0, 2, 1))                    # [B, THW, C']
+  g_x = np.transpose(g_x, (0, 2, 1))  # [B, THW, C']
   if mode == 'gaussian':
     theta_x = np.transpose(x.reshape(b, c, -1), (0, 2, 1))
     phi_x = a.reshape(b, c, -1)
     f = theta_x @ phi_x
   elif mode in ('embedded', 'dot'):
     theta_x = _conv1x1(tp['theta.weight'], tp['theta.bias'], x).reshape(
-        b, ci, -1)
+        b, ci, -1
+    )
     phi_x = _conv1x1(tp['phi.weight'], tp['phi.bias'], a).reshape(b, ci, -1)
-    f = np.transpose(theta_x, (0, 2, 1)) @ phi_x        # [B, THW, THW]
+    f = np.transpose(theta_x, (0, 2, 1)) @ phi_x  # [B, THW, THW]
   else:  # concatenate
     theta_x = _conv1x1(tp['theta.weight'], tp['theta.bias'], x).reshape(
-        b, ci, -1, 1)
+        b, ci, -1, 1
+    )
     phi_x = _conv1x1(tp['phi.weight'], tp['phi.bias'], a).reshape(b, ci, 1, -1)
     n_q, n_k = theta_x.shape[2], phi_x.shape[3]
     theta_x = np.tile(theta_x, (1, 1, 1, n_k))
     phi_x = np.tile(phi_x, (1, 1, n_q, 1))
-    concat = np.concatenate([theta_x, phi_x], axis=1)   # [B, 2C', THW, THW]
-    wf = tp['W_f.0.weight'].reshape(1, 2 * ci)          # Conv2d [1, 2C', 1, 1]
-    f = np.einsum('oc,bcij->boij', wf, concat) + tp['W_f.0.bias'][
-        None, :, None, None]
+    concat = np.concatenate([theta_x, phi_x], axis=1)  # [B, 2C', THW, THW]
+    wf = tp['W_f.0.weight'].reshape(1, 2 * ci)  # Conv2d [1, 2C', 1, 1]
+    f = (
+        np.einsum('oc,bcij->boij', wf, concat)
+        + tp['W_f.0.bias'][None, :, None, None]
+    )
     f = np.maximum(f, 0.0)[:, 0]
   if mode in ('gaussian', 'embedded'):
     f_div_c = _softmax(f)
   else:
     f_div_c = f / f.shape[-1]
-  y = f_div_c @ g_x                                     # [B, THW, C']
+  y = f_div_c @ g_x  # [B, THW, C']
   y = np.transpose(y, (0, 2, 1)).reshape(b, ci, t, h, w)
   wy = _conv1x1(tp['W_z.0.weight'], tp['W_z.0.bias'], y)
   if train:
@@ -91,12 +96,14 @@ def naive_tpavi(x_nthwc, audio, tp, mode, train=False, eps=1e-5):
     mean, var = tp['W_z.1.running_mean'], tp['W_z.1.running_var']
   bc = lambda v: v[None, :, None, None, None]
   wy = (wy - bc(mean)) / np.sqrt(bc(var) + eps) * bc(tp['W_z.1.weight']) + bc(
-      tp['W_z.1.bias'])
-  z = np.transpose(wy + x, (0, 2, 3, 4, 1))             # [B, T, H, W, C]
+      tp['W_z.1.bias']
+  )
+  z = np.transpose(wy + x, (0, 2, 3, 4, 1))  # [B, T, H, W, C]
   mu = z.mean(-1, keepdims=True)
   sig2 = z.var(-1, keepdims=True)
   z = (z - mu) / np.sqrt(sig2 + 1e-5) * tp['norm_layer.weight'] + tp[
-      'norm_layer.bias']
+      'norm_layer.bias'
+  ]
   return z, audio_temp, mean, var
 
 
@@ -121,22 +128,24 @@ def torch_layout(variables):
   """Our TPAVI variables -> PyTorch-layout arrays, written out by hand."""
   p, s = variables['params'], variables['batch_stats']
   conv = lambda k: np.transpose(k.reshape(k.shape[-2:]))[..., None, None, None]
-  tp = {'align_channel.weight': p['align_channel']['kernel'].T,
-        'align_channel.bias': p['align_channel']['bias'],
-        'norm_layer.weight': p['norm_layer']['scale'],
-        'norm_layer.bias': p['norm_layer']['bias'],
-        'W_z.0.weight': conv(p['W_z_0']['kernel']),
-        'W_z.0.bias': p['W_z_0']['bias'],
-        'W_z.1.weight': p['W_z_1']['scale'],
-        'W_z.1.bias': p['W_z_1']['bias'],
-        'W_z.1.running_mean': s['W_z_1']['mean'],
-        'W_z.1.running_var': s['W_z_1']['var']}
+  tp = {
+      'align_channel.weight': p['align_channel']['kernel'].T,
+      'align_channel.bias': p['align_channel']['bias'],
+      'norm_layer.weight': p['norm_layer']['scale'],
+      'norm_layer.bias': p['norm_layer']['bias'],
+      'W_z.0.weight': conv(p['W_z_0']['kernel']),
+      'W_z.0.bias': p['W_z_0']['bias'],
+      'W_z.1.weight': p['W_z_1']['scale'],
+      'W_z.1.bias': p['W_z_1']['bias'],
+      'W_z.1.running_mean': s['W_z_1']['mean'],
+      'W_z.1.running_var': s['W_z_1']['var'],
+  }
   for name in ('g', 'theta', 'phi'):
     if name in p:
       tp[f'{name}.weight'] = conv(p[name]['kernel'])
       tp[f'{name}.bias'] = p[name]['bias']
   if 'W_f_0' in p:
-    k = p['W_f_0']['kernel']                             # [1, 1, 2C', 1]
+    k = p['W_f_0']['kernel']  # [1, 1, 2C', 1]
     tp['W_f.0.weight'] = np.transpose(k, (3, 2, 0, 1))
     tp['W_f.0.bias'] = p['W_f_0']['bias']
   return tp
@@ -151,19 +160,44 @@ def tpavi_inputs():
 
 
 def _tpavi_vars(mode, x, audio, seed):
-  variables = TPAVI(mode).init(jax.random.key(0), jnp.asarray(x, jnp.float32),
-                               jnp.asarray(audio, jnp.float32))
+  variables = TPAVI(mode).init(
+      jax.random.key(0),
+      jnp.asarray(x, jnp.float32),
+      jnp.asarray(audio, jnp.float32),
+  )
   return randomize(variables, seed)
 
 
 EXPECTED_PARAMS = {
-    'dot': {'align_channel', 'norm_layer', 'g', 'theta', 'phi', 'W_z_0',
-            'W_z_1'},
-    'embedded': {'align_channel', 'norm_layer', 'g', 'theta', 'phi', 'W_z_0',
-                 'W_z_1'},
+    'dot': {
+        'align_channel',
+        'norm_layer',
+        'g',
+        'theta',
+        'phi',
+        'W_z_0',
+        'W_z_1',
+    },
+    'embedded': {
+        'align_channel',
+        'norm_layer',
+        'g',
+        'theta',
+        'phi',
+        'W_z_0',
+        'W_z_1',
+    },
     'gaussian': {'align_channel', 'norm_layer', 'g', 'W_z_0', 'W_z_1'},
-    'concatenate': {'align_channel', 'norm_layer', 'g', 'theta', 'phi',
-                    'W_z_0', 'W_z_1', 'W_f_0'},
+    'concatenate': {
+        'align_channel',
+        'norm_layer',
+        'g',
+        'theta',
+        'phi',
+        'W_z_0',
+        'W_z_1',
+        'W_f_0',
+    },
 }
 
 
@@ -173,21 +207,24 @@ def test_tpavi_matches_naive_reference(tpavi_inputs, mode, with_audio):
   x, audio = tpavi_inputs
   a = audio if with_audio else None
   # Built the same whether or not audio is given (the reference's constructor).
-  init_vv = jax.eval_shape(TPAVI(mode).init, jax.random.key(0),
-                           jnp.zeros((B, T, H, W, C)))
+  init_vv = jax.eval_shape(
+      TPAVI(mode).init, jax.random.key(0), jnp.zeros((B, T, H, W, C))
+  )
   assert set(init_vv['params']) == EXPECTED_PARAMS[mode]
   variables = _tpavi_vars(mode, x, audio, seed=1)
   assert set(variables['params']) == EXPECTED_PARAMS[mode]
   ref, ref_a, _, _ = naive_tpavi(x, a, torch_layout(variables), mode)
   with jax.enable_x64(True):
     z, a_fea = TPAVI(mode, dtype=jnp.float64).apply(
-        variables, jnp.asarray(x), None if a is None else jnp.asarray(a))
+        variables, jnp.asarray(x), None if a is None else jnp.asarray(a)
+    )
     z = np.asarray(z)
     a_fea = None if a_fea is None else np.asarray(a_fea)
   assert z.shape == (B, T, H, W, C)
   # The W_z branch really contributes (not just LayerNorm(x)).
-  ln_x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True)
-                                                   + 1e-5)
+  ln_x = (x - x.mean(-1, keepdims=True)) / np.sqrt(
+      x.var(-1, keepdims=True) + 1e-5
+  )
   assert np.abs(ref - ln_x).max() > 0.1
   np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
   if with_audio:
@@ -205,8 +242,9 @@ def test_tpavi_float64_compute_is_float64(tpavi_inputs, mode):
   variables = _tpavi_vars(mode, x, audio, seed=1)
   ref, _, _, _ = naive_tpavi(x, audio, torch_layout(variables), mode)
   with jax.enable_x64(True):
-    z, _ = TPAVI(mode, dtype=jnp.float64).apply(variables, jnp.asarray(x),
-                                                jnp.asarray(audio))
+    z, _ = TPAVI(mode, dtype=jnp.float64).apply(
+        variables, jnp.asarray(x), jnp.asarray(audio)
+    )
     assert z.dtype == jnp.float64
     z = np.asarray(z)
   np.testing.assert_allclose(z, ref, rtol=1e-10, atol=1e-10)
@@ -219,8 +257,9 @@ def test_tpavi_float32(tpavi_inputs, mode):
   variables = _tpavi_vars(mode, x, audio, seed=2)
   ref, _, _, _ = naive_tpavi(x, audio, torch_layout(variables), mode)
   v32 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), variables)
-  z, _ = jax.jit(TPAVI(mode).apply)(v32, jnp.asarray(x, jnp.float32),
-                                     jnp.asarray(audio, jnp.float32))
+  z, _ = jax.jit(TPAVI(mode).apply)(
+      v32, jnp.asarray(x, jnp.float32), jnp.asarray(audio, jnp.float32)
+  )
   assert z.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(z), ref, rtol=1e-4, atol=1e-4)
 
@@ -236,19 +275,27 @@ def test_tpavi_train_mode_batch_stats(tpavi_inputs, with_audio):
   ref, _, mean, var = naive_tpavi(x, a, tp, 'embedded', train=True)
   with jax.enable_x64(True):
     (z, _), upd = TPAVI('embedded', train=True, dtype=jnp.float64).apply(
-        variables, jnp.asarray(x), None if a is None else jnp.asarray(a),
-        mutable=['batch_stats'])
+        variables,
+        jnp.asarray(x),
+        None if a is None else jnp.asarray(a),
+        mutable=['batch_stats'],
+    )
     z = np.asarray(z)
     upd = jax.tree.map(np.asarray, upd)
   np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
   n = B * T * H * W
   np.testing.assert_allclose(
       upd['batch_stats']['W_z_1']['mean'],
-      0.9 * tp['W_z.1.running_mean'] + 0.1 * mean, rtol=1e-5, atol=1e-6)
+      0.9 * tp['W_z.1.running_mean'] + 0.1 * mean,
+      rtol=1e-5,
+      atol=1e-6,
+  )
   np.testing.assert_allclose(
       upd['batch_stats']['W_z_1']['var'],
-      0.9 * tp['W_z.1.running_var'] + 0.1 * var * n / (n - 1), rtol=1e-5,
-      atol=1e-6)
+      0.9 * tp['W_z.1.running_var'] + 0.1 * var * n / (n - 1),
+      rtol=1e-5,
+      atol=1e-6,
+  )
 
 
 def test_tpavi_init_is_the_reference_identity(tpavi_inputs):
@@ -269,7 +316,8 @@ def test_tpavi_init_is_the_reference_identity(tpavi_inputs):
   z, _ = TPAVI('dot').apply(variables, x, audio)
   xn = np.asarray(x, np.float64)
   ln_x = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(
-      xn.var(-1, keepdims=True) + 1e-5)
+      xn.var(-1, keepdims=True) + 1e-5
+  )
   np.testing.assert_allclose(z, ln_x, rtol=1e-4, atol=1e-4)
 
 
@@ -282,23 +330,36 @@ def test_tpavi_bad_mode():
 # The full AVS model (PVT-v2-b0 encoder, small head).
 
 # Compilation dominates these tests on a CPU: trade run time for build time.
-jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
+jit = functools.partial(
+    jax.jit,
+    compiler_options={
+        'xla_backend_optimization_level': 0,
+        'xla_llvm_disable_expensive_passes': True,
+    },
+)
 
 
 def model_config(**overrides):
-  cfg = ml_collections.ConfigDict(dict(
-      backbone='pvt_v2_b0', channels=32, tpavi_stages=(0, 1, 2, 3),
-      tpavi_mode='dot', tpavi_vv=False, tpavi_va=True))
+  cfg = ml_collections.ConfigDict(
+      dict(
+          backbone='pvt_v2_b0',
+          channels=32,
+          tpavi_stages=(0, 1, 2, 3),
+          tpavi_mode='dot',
+          tpavi_vv=False,
+          tpavi_va=True,
+      )
+  )
   cfg.update(overrides)
   return cfg
 
 
 def clip(b, t, h, w, seed=0):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal((b, t, h, w, 3)), jnp.float32),
-          jnp.asarray(rng.standard_normal((b, t, 128)), jnp.float32))
+  return (
+      jnp.asarray(rng.standard_normal((b, t, h, w, 3)), jnp.float32),
+      jnp.asarray(rng.standard_normal((b, t, 128)), jnp.float32),
+  )
 
 
 def random_variables(shapes, seed=0):
@@ -324,8 +385,9 @@ def random_variables(shapes, seed=0):
 
 def init_shapes(model, b=1, t=2, h=64, w=64, audio=True):
   frames, aud = clip(b, t, h, w)
-  return jax.eval_shape(model.init, jax.random.key(0), frames,
-                        aud if audio else None)
+  return jax.eval_shape(
+      model.init, jax.random.key(0), frames, aud if audio else None
+  )
 
 
 @pytest.fixture(scope='module')
@@ -356,12 +418,30 @@ def test_model_variables(pvt_model):
   _, variables, _ = pvt_model
   assert set(variables) == {'params', 'batch_stats'}
   assert set(variables['params']) == {
-      'encoder_backbone', 'conv1', 'conv2', 'conv3', 'conv4', 'path1', 'path2',
-      'path3', 'path4', 'tpavi_b1', 'tpavi_b2', 'tpavi_b3', 'tpavi_b4',
-      'output_conv_0', 'output_conv_2', 'output_conv_4'}
+      'encoder_backbone',
+      'conv1',
+      'conv2',
+      'conv3',
+      'conv4',
+      'path1',
+      'path2',
+      'path3',
+      'path4',
+      'tpavi_b1',
+      'tpavi_b2',
+      'tpavi_b3',
+      'tpavi_b4',
+      'output_conv_0',
+      'output_conv_2',
+      'output_conv_4',
+  }
   # PVT has no BatchNorm: the running stats are TPAVI's W_z BatchNorms only.
   assert set(variables['batch_stats']) == {
-      'tpavi_b1', 'tpavi_b2', 'tpavi_b3', 'tpavi_b4'}
+      'tpavi_b1',
+      'tpavi_b2',
+      'tpavi_b3',
+      'tpavi_b4',
+  }
 
 
 def test_model_output_shapes(pvt_out):
@@ -400,13 +480,14 @@ def test_batch_equals_separate_clips(pvt_model, pvt_out):
   _, variables, apply = pvt_model
   frames, audio, out = pvt_out
   for b in range(CLIP[0]):
-    single = apply(variables, frames[b:b + 1], audio[b:b + 1])
-    np.testing.assert_allclose(out['logits'][b:b + 1], single['logits'],
-                               rtol=1e-4, atol=1e-4)
+    single = apply(variables, frames[b : b + 1], audio[b : b + 1])
+    np.testing.assert_allclose(
+        out['logits'][b : b + 1], single['logits'], rtol=1e-4, atol=1e-4
+    )
     for m, ms in zip(out['visual_maps'], single['visual_maps']):
-      np.testing.assert_allclose(m[b:b + 1], ms, rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(m[b : b + 1], ms, rtol=1e-4, atol=1e-4)
     for a, a_s in zip(out['audio_features'], single['audio_features']):
-      np.testing.assert_allclose(a[b:b + 1], a_s, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(a[b : b + 1], a_s, rtol=1e-5, atol=1e-5)
 
 
 def test_frames_interact_within_a_clip_only(pvt_model, pvt_out):
@@ -416,8 +497,9 @@ def test_frames_interact_within_a_clip_only(pvt_model, pvt_out):
   frames, audio, out = pvt_out
   out2 = apply(variables, frames.at[0, 0].set(0.0), audio)
   assert rel_l2(out2['logits'][0, 1:], out['logits'][0, 1:]) > 1e-4
-  np.testing.assert_allclose(out2['logits'][1], out['logits'][1], rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      out2['logits'][1], out['logits'][1], rtol=1e-5, atol=1e-5
+  )
 
 
 def test_bf16_close_to_fp32(pvt_model, pvt_out):
@@ -446,8 +528,15 @@ def train_apply(pvt_model):
   model, _, _ = pvt_model
 
   def fn(variables, frames, audio, key):
-    return model.apply(variables, frames, audio, train=True,
-                       mutable=['batch_stats'], rngs={'dropout': key})
+    return model.apply(
+        variables,
+        frames,
+        audio,
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'dropout': key},
+    )
+
   return jit(fn)
 
 
@@ -467,8 +556,7 @@ def test_train_mode_updates_batch_stats(pvt_model, pvt_out, train_apply):
   assert rel_l2(out_t['logits'], out['logits']) > 1e-3  # batch statistics
 
 
-def test_train_mode_drop_path_uses_dropout_rng(pvt_model, pvt_out,
-                                               train_apply):
+def test_train_mode_drop_path_uses_dropout_rng(pvt_model, pvt_out, train_apply):
   model, variables, _ = pvt_model
   frames, audio, _ = pvt_out
   a1, _ = train_apply(variables, frames, audio, jax.random.key(1))
@@ -478,8 +566,12 @@ def test_train_mode_drop_path_uses_dropout_rng(pvt_model, pvt_out,
   assert rel_l2(a2['logits'], a1['logits']) > 1e-3
   # Without a 'dropout' rng, train mode cannot run (eval mode needs none).
   with pytest.raises(Exception, match='dropout'):
-    jax.eval_shape(lambda v: model.apply(v, frames, audio, train=True,
-                                         mutable=['batch_stats']), variables)
+    jax.eval_shape(
+        lambda v: model.apply(
+            v, frames, audio, train=True, mutable=['batch_stats']
+        ),
+        variables,
+    )
 
 
 def test_vv_and_va_average_one_shared_block():
@@ -487,24 +579,42 @@ def test_vv_and_va_average_one_shared_block():
   (same parameters) applied without, then with audio. Run in train mode: the
   reference calls the module twice, so its BatchNorm running stats take two
   momentum updates (vv first, then va)."""
-  model = build_model(model_config(tpavi_vv=True, tpavi_va=True,
-                                   tpavi_mode='embedded', tpavi_stages=(1, 3)))
+  model = build_model(
+      model_config(
+          tpavi_vv=True,
+          tpavi_va=True,
+          tpavi_mode='embedded',
+          tpavi_stages=(1, 3),
+      )
+  )
   variables = random_variables(init_shapes(model), seed=3)
   params = variables['params']
-  assert {k for k in params if k.startswith('tpavi')} == {'tpavi_b2',
-                                                          'tpavi_b4'}
+  assert {k for k in params if k.startswith('tpavi')} == {
+      'tpavi_b2',
+      'tpavi_b4',
+  }
   # One block per stage, built exactly as a single TPAVI.
-  tp_shapes = jax.eval_shape(TPAVI('embedded').init, jax.random.key(0),
-                             jnp.zeros((1, 2, 4, 4, 32)),
-                             jnp.zeros((1, 2, 128)))
-  assert (jax.tree.map(lambda s: s.shape, tp_shapes['params'])
-          == jax.tree.map(lambda s: s.shape, params['tpavi_b2']))
+  tp_shapes = jax.eval_shape(
+      TPAVI('embedded').init,
+      jax.random.key(0),
+      jnp.zeros((1, 2, 4, 4, 32)),
+      jnp.zeros((1, 2, 128)),
+  )
+  assert jax.tree.map(lambda s: s.shape, tp_shapes['params']) == jax.tree.map(
+      lambda s: s.shape, params['tpavi_b2']
+  )
   frames, audio = clip(1, 3, 64, 64, seed=4)
-  out, upd = jit(lambda v, f, a: model.apply(
-      v, f, a, train=True, rngs={'dropout': jax.random.key(5)},
-      mutable=['batch_stats', 'intermediates'],
-      capture_intermediates=lambda m, _: isinstance(m, ASPP)))(
-          variables, frames, audio)
+  out, upd = jit(
+      lambda v, f, a: model.apply(
+          v,
+          f,
+          a,
+          train=True,
+          rngs={'dropout': jax.random.key(5)},
+          mutable=['batch_stats', 'intermediates'],
+          capture_intermediates=lambda m, _: isinstance(m, ASPP),
+      )
+  )(variables, frames, audio)
   inter = upd['intermediates']
   assert out['audio_features'][0] is None and out['audio_features'][2] is None
   for i in range(4):
@@ -512,26 +622,32 @@ def test_vv_and_va_average_one_shared_block():
     aspp = aspp.reshape((1, 3) + aspp.shape[1:])
     if i in (1, 3):
       name = f'tpavi_b{i + 1}'
-      block = functools.partial(TPAVI('embedded', train=True).apply,
-                                mutable=['batch_stats'])
-      v0 = {'params': params[name],
-            'batch_stats': variables['batch_stats'][name]}
+      block = functools.partial(
+          TPAVI('embedded', train=True).apply, mutable=['batch_stats']
+      )
+      v0 = {
+          'params': params[name],
+          'batch_stats': variables['batch_stats'][name],
+      }
       (z_vv, a_vv), s1 = jax.jit(block)(v0, aspp)
       (z_va, a_va), s2 = jax.jit(block)(dict(v0, **s1), aspp, audio)
       assert a_vv is None
-      np.testing.assert_allclose(out['audio_features'][i], a_va, rtol=1e-5,
-                                 atol=1e-5)
+      np.testing.assert_allclose(
+          out['audio_features'][i], a_va, rtol=1e-5, atol=1e-5
+      )
       assert rel_l2(z_vv, z_va) > 1e-2  # the two calls really differ
       expected = np.maximum((np.asarray(z_vv) + np.asarray(z_va)) / 2, 0)
       for stat in ('mean', 'var'):
         got = upd['batch_stats'][name]['W_z_1'][stat]
-        np.testing.assert_allclose(got, s2['batch_stats']['W_z_1'][stat],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            got, s2['batch_stats']['W_z_1'][stat], rtol=1e-5, atol=1e-6
+        )
         assert rel_l2(got, s1['batch_stats']['W_z_1'][stat]) > 1e-3
     else:
       expected = np.maximum(np.asarray(aspp), 0)
-    np.testing.assert_allclose(out['visual_maps'][i], expected, rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        out['visual_maps'][i], expected, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_resnet50_feature_shapes():
@@ -555,15 +671,21 @@ def test_resnet_tiny_and_head_channels():
   assert out['logits'].shape == (2, 3, 64, 96)
   res = shapes['params']['resnet']
   assert sorted(k for k in res if k.startswith('layer')) == [
-      'layer1_0', 'layer2_0', 'layer3_1_0', 'layer4_1_0']
-  for i, name in enumerate(['layer1_0', 'layer2_0', 'layer3_1_0',
-                            'layer4_1_0']):
+      'layer1_0',
+      'layer2_0',
+      'layer3_1_0',
+      'layer4_1_0',
+  ]
+  for i, name in enumerate(
+      ['layer1_0', 'layer2_0', 'layer3_1_0', 'layer4_1_0']
+  ):
     assert res[name]['conv3']['kernel'].shape[-1] == 64 * 2**i
   assert shapes['params']['output_conv_0']['kernel'].shape[-1] == 8
   assert shapes['params']['output_conv_2']['kernel'].shape[-2] == 8
   # The reference's head (128) by default.
-  default = jax.eval_shape(build_model(model_config()).init, jax.random.key(0),
-                           frames, audio)
+  default = jax.eval_shape(
+      build_model(model_config()).init, jax.random.key(0), frames, audio
+  )
   assert default['params']['output_conv_0']['kernel'].shape[-1] == 128
 
 
@@ -584,8 +706,9 @@ def test_tpavi_stages_without_vv_or_va_raises():
   with pytest.raises(ValueError, match='tpavi_vv'):
     init_shapes(model)
   # No TPAVI stage: nothing to enable, builds without TPAVI blocks.
-  model = build_model(model_config(tpavi_vv=False, tpavi_va=False,
-                                   tpavi_stages=()))
+  model = build_model(
+      model_config(tpavi_vv=False, tpavi_va=False, tpavi_stages=())
+  )
   shapes = init_shapes(model, audio=False)
   assert not any(k.startswith('tpavi') for k in shapes['params'])
 

@@ -15,6 +15,7 @@ with one process of 4 devices on the same tiny synthetic data:
   * the 2-process checkpoint evaluates in one process (1 device) to the
     same test J.
 """
+
 import json
 import subprocess
 import sys
@@ -53,8 +54,11 @@ TINY = {
 @pytest.fixture(scope='module')
 def cache(request, tmp_path_factory):
   c = getattr(request.config, 'cache', None)
-  return str(c.mkdir('jax_compilation_cache') if c is not None
-             else tmp_path_factory.mktemp('jax_compilation_cache'))
+  return str(
+      c.mkdir('jax_compilation_cache')
+      if c is not None
+      else tmp_path_factory.mktemp('jax_compilation_cache')
+  )
 
 
 @pytest.fixture(scope='module')
@@ -72,11 +76,19 @@ def overrides(tmp_path_factory):
 def launch_pair(workdir, overrides, cache, log_prefix, port=None):
   """The two processes of one 2 x 2-device run."""
   port = port or procs.free_port()
-  return [procs.run_py(
-      workdir, overrides, f'{log_prefix}{i}.log', procs.env(cache, devices=2),
-      f'--coordinator_address=localhost:{port}', '--num_processes=2',
-      f'--process_id={i}', f'--heartbeat_timeout={HEARTBEAT}')
-          for i in range(2)]
+  return [
+      procs.run_py(
+          workdir,
+          overrides,
+          f'{log_prefix}{i}.log',
+          procs.env(cache, devices=2),
+          f'--coordinator_address=localhost:{port}',
+          '--num_processes=2',
+          f'--process_id={i}',
+          f'--heartbeat_timeout={HEARTBEAT}',
+      )
+      for i in range(2)
+  ]
 
 
 def wait_all(ps):
@@ -112,8 +124,9 @@ def runs(overrides, cache, tmp_path_factory):
   finally:
     for p in pair:
       p.kill()
-  single = procs.run_py(one, overrides, str(base / 'one.log'),
-                        procs.env(cache, devices=4))
+  single = procs.run_py(
+      one, overrides, str(base / 'one.log'), procs.env(cache, devices=4)
+  )
   try:
     wait_all([single])
   finally:
@@ -133,8 +146,9 @@ def test_two_processes_match_one_process(runs):
   for step in one:
     rtol = 1e-5 if step == 1 else 2e-3
     for k in ('loss', 'bce', 'avm', 'grad_norm'):
-      np.testing.assert_allclose(two[step][k], one[step][k], rtol=rtol,
-                                 err_msg=f'{k} at step {step}')
+      np.testing.assert_allclose(
+          two[step][k], one[step][k], rtol=rtol, err_msg=f'{k} at step {step}'
+      )
   r1, r2 = result(runs['one']), result(runs['two'])
   assert r1['num_clips'] == r2['num_clips'] == 4  # every test clip once
   assert r1['checkpoint_step'] == r2['checkpoint_step']
@@ -144,13 +158,22 @@ def test_two_processes_match_one_process(runs):
     assert os.path.exists(os.path.join(runs['two'], name)), name
 
 
-def test_two_process_checkpoint_evaluates_in_one_process(runs, overrides,
-                                                         cache, tmp_path):
+def test_two_process_checkpoint_evaluates_in_one_process(
+    runs, overrides, cache, tmp_path
+):
   p = procs.Proc(
-      [sys.executable, 'run.py', '--config=configs/synthetic.py',
-       '--mode=eval', f'--workdir={tmp_path}',
-       f'--config.eval.restore={runs["two"]}', *procs.flags(overrides)],
-      str(tmp_path / 'eval.log'), procs.env(cache, devices=1))
+      [
+          sys.executable,
+          'run.py',
+          '--config=configs/synthetic.py',
+          '--mode=eval',
+          f'--workdir={tmp_path}',
+          f'--config.eval.restore={runs["two"]}',
+          *procs.flags(overrides),
+      ],
+      str(tmp_path / 'eval.log'),
+      procs.env(cache, devices=1),
+  )
   assert p.wait() == 0, p.tail()
   r1, r2 = result(str(tmp_path)), result(runs['two'])
   assert r1['checkpoint_step'] == r2['checkpoint_step']
@@ -162,12 +185,17 @@ def complete_checkpoints(workdir):
   d = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(d):
     return []
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit() and
-                os.path.exists(os.path.join(d, n, '_CHECKPOINT_METADATA')))
+  return sorted(
+      int(n)
+      for n in os.listdir(d)
+      if n.isdigit()
+      and os.path.exists(os.path.join(d, n, '_CHECKPOINT_METADATA'))
+  )
 
 
-def test_killed_process_stops_its_peer_and_relaunch_resumes(runs, overrides,
-                                                            cache):
+def test_killed_process_stops_its_peer_and_relaunch_resumes(
+    runs, overrides, cache
+):
   base = runs['base']
   work = str(base / 'killed')
   pair = launch_pair(work, overrides, cache, str(base / 'killed'))
@@ -183,8 +211,10 @@ def test_killed_process_stops_its_peer_and_relaunch_resumes(runs, overrides,
     try:
       rc = pair[0].popen.wait(PEER_EXIT_BOUND)
     except subprocess.TimeoutExpired:
-      pytest.fail(f'process 0 still running {PEER_EXIT_BOUND} s after its '
-                  f'peer was killed:\n{pair[0].tail()}')
+      pytest.fail(
+          f'process 0 still running {PEER_EXIT_BOUND} s after its '
+          f'peer was killed:\n{pair[0].tail()}'
+      )
     waited = time.time() - killed_at
   finally:
     for p in pair:
@@ -205,8 +235,12 @@ def test_killed_process_stops_its_peer_and_relaunch_resumes(runs, overrides,
   want, got = losses(runs['two']), losses(work)
   assert sorted(got) == sorted(want)
   for step in want:
-    np.testing.assert_allclose(got[step]['loss'], want[step]['loss'],
-                               rtol=1e-6, err_msg=f'loss at step {step}')
+    np.testing.assert_allclose(
+        got[step]['loss'],
+        want[step]['loss'],
+        rtol=1e-6,
+        err_msg=f'loss at step {step}',
+    )
   r, w = result(work), result(runs['two'])
   assert r['checkpoint_step'] == w['checkpoint_step']
   np.testing.assert_allclose(r['miou'], w['miou'], rtol=1e-6)

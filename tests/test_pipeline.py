@@ -214,14 +214,17 @@ def test_train_is_deterministic_and_reshuffled_each_epoch(env):
 def test_global_batches_do_not_depend_on_the_process_count(env, count):
   """Process p decodes rows [p*b, (p+1)*b) of the one-process global batch."""
   single = take(train(env, batch_size=count), 8)
-  parts = [take(train(env, process_index=p, process_count=count,
-                      batch_size=1), 8) for p in range(count)]
+  parts = [
+      take(train(env, process_index=p, process_count=count, batch_size=1), 8)
+      for p in range(count)
+  ]
   for k, whole in enumerate(single):
     rows = [parts[p][k] for p in range(count)]
     assert [i for r in rows for i in r['id']] == list(whole['id'])
     for key in ('frames', 'masks', 'log_mel'):
       np.testing.assert_array_equal(
-          np.concatenate([r[key] for r in rows]), whole[key])
+          np.concatenate([r[key] for r in rows]), whole[key]
+      )
 
 
 def assert_same_batches(xs, ys):

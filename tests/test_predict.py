@@ -1,4 +1,5 @@
 """`run.py --mode predict` on short generated videos (ffmpeg from imageio-ffmpeg)."""
+
 import os
 import subprocess
 
@@ -19,11 +20,24 @@ FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def _video(path, seconds, audio=True, size='64x48', rate=10, audio_s=None):
-  cmd = [FFMPEG, '-v', 'error', '-y', '-f', 'lavfi', '-i',
-         f'testsrc=size={size}:rate={rate}']
+  cmd = [
+      FFMPEG,
+      '-v',
+      'error',
+      '-y',
+      '-f',
+      'lavfi',
+      '-i',
+      f'testsrc=size={size}:rate={rate}',
+  ]
   if audio:
-    cmd += ['-f', 'lavfi', '-i', 'sine=frequency=440:sample_rate=16000' + (
-        f':duration={audio_s}' if audio_s else '')]
+    cmd += [
+        '-f',
+        'lavfi',
+        '-i',
+        'sine=frequency=440:sample_rate=16000'
+        + (f':duration={audio_s}' if audio_s else ''),
+    ]
   cmd += ['-t', str(seconds), '-pix_fmt', 'yuv420p', '-c:v', 'libx264']
   if audio:
     cmd += ['-c:a', 'aac']
@@ -39,8 +53,9 @@ def setup(tmp_path_factory):
   c.data.image_size = 32
   c.data.synthetic.enabled = False
   model = build_model(c.model)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 5, 32, 32, 3)),
-                         jnp.zeros((1, 5, 128)))
+  variables = model.init(
+      jax.random.key(0), jnp.zeros((1, 5, 32, 32, 3)), jnp.zeros((1, 5, 128))
+  )
   ckpt = str(tmp / 'ckpt')
   ckpt_lib.save_variables(jax.device_get(variables), ckpt, step=3)
   c.predict.restore = ckpt
@@ -91,7 +106,7 @@ def test_overlay_is_the_whole_video_when_the_sound_is_shorter(setup):
   assert meta['duration'] >= 9.9
   samples = predict.read_audio(os.path.join(out, 'long_overlay.mp4'))
   assert len(samples) >= 9.9 * 16000
-  assert np.abs(samples[int(8 * 16000):]).max() < 1e-3  # silence padded
+  assert np.abs(samples[int(8 * 16000) :]).max() < 1e-3  # silence padded
 
 
 def test_bad_mask_size_is_refused(setup):
@@ -114,20 +129,35 @@ def test_masks_match_the_model_on_the_sampled_frames(setup):
   raw = list(gen)
   want = [raw[int(s * 10 + 15 / 16 * 10)] for s in range(5)]
   # OpenCV's bilinear without antialiasing, as the reference preprocessing.
-  resized = np.stack([cv2.resize(f, (32, 32), interpolation=cv2.INTER_LINEAR)
-                      for f in want]) / 255.0
+  resized = (
+      np.stack(
+          [
+              cv2.resize(f, (32, 32), interpolation=cv2.INTER_LINEAR)
+              for f in want
+          ]
+      )
+      / 255.0
+  )
   got = frames * np.asarray([0.229, 0.224, 0.225]) + np.asarray(
-      [0.485, 0.456, 0.406])
+      [0.485, 0.456, 0.406]
+  )
   np.testing.assert_allclose(got, resized, atol=1e-5)
   # PIL's antialiasing filter gives other inputs: the check tells them apart.
-  pil = np.stack([np.asarray(Image.fromarray(f).resize((32, 32),
-                                                       Image.BILINEAR))
-                  for f in want]) / 255.0
+  pil = (
+      np.stack(
+          [
+              np.asarray(Image.fromarray(f).resize((32, 32), Image.BILINEAR))
+              for f in want
+          ]
+      )
+      / 255.0
+  )
   assert np.abs(got - pil).max() > 0.05
 
 
-@pytest.mark.parametrize('kind', ['no_audio', 'unreadable', 'too_short',
-                                  'missing'])
+@pytest.mark.parametrize(
+    'kind', ['no_audio', 'unreadable', 'too_short', 'missing']
+)
 def test_bad_videos_give_clear_errors(setup, kind):
   c, tmp, _, _ = setup
   c = c.copy_and_resolve_references()

@@ -1,4 +1,5 @@
 """data_prep.avss: the AVSBench-semantic layout on a tiny synthetic tree."""
+
 import os
 
 import numpy as np
@@ -22,7 +23,10 @@ def test_clips_records_and_padding(tree):
   clips, problems = prep.read_clips(root)
   assert not problems
   assert [(c.subset, c.split) for c in clips] == [
-      ('v2', 'train'), ('v1s', 'train'), ('v1m', 'test')]
+      ('v2', 'train'),
+      ('v1s', 'train'),
+      ('v1m', 'test'),
+  ]
   for clip in clips:
     r = prep.load_clip(clip)
     k = len(truth[clip.id])
@@ -56,6 +60,7 @@ def test_bad_rows_and_files_are_named(tree):
   assert e.value.file.endswith('frames')
 
   from PIL import Image
+
   v1m = clips[2]
   path = os.path.join(v1m.folder, 'labels_rgb', '2.png')
   Image.new('RGB', (10, 10)).save(path)

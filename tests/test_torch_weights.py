@@ -1,4 +1,5 @@
 """PyTorch <-> Flax checkpoint conversion: layouts, key sets, errors, files."""
+
 import json
 import os
 import re
@@ -18,9 +19,16 @@ C = 32  # decoder channels of the small configs
 
 
 def config(backbone, **overrides):
-  cfg = ml_collections.ConfigDict(dict(
-      backbone=backbone, channels=C, tpavi_stages=(0, 1, 2, 3),
-      tpavi_mode='dot', tpavi_vv=False, tpavi_va=True))
+  cfg = ml_collections.ConfigDict(
+      dict(
+          backbone=backbone,
+          channels=C,
+          tpavi_stages=(0, 1, 2, 3),
+          tpavi_mode='dot',
+          tpavi_vv=False,
+          tpavi_va=True,
+      )
+  )
   cfg.update(overrides)
   return cfg
 
@@ -49,8 +57,9 @@ def random_variables(shapes, seed=0):
   """Distinct random float32 values for every leaf (so that a swapped or
   mis-transposed leaf cannot go unnoticed), from a flat `{path: shape}`."""
   rng = np.random.default_rng(seed)
-  return unflatten({p: rng.random(s.shape, np.float32) - 0.5
-                    for p, s in shapes.items()})
+  return unflatten(
+      {p: rng.random(s.shape, np.float32) - 0.5 for p, s in shapes.items()}
+  )
 
 
 def assert_equal(x, y, msg=''):
@@ -98,24 +107,27 @@ def test_round_trip(which, request):
 def test_resnet_torch_layout(resnet):
   _, v, sd = resnet
   p, s = v['params'], v['batch_stats']
-  conv = lambda k: np.transpose(k, (3, 2, 0, 1))         # [kh,kw,I,O] -> OIhw
+  conv = lambda k: np.transpose(k, (3, 2, 0, 1))  # [kh,kw,I,O] -> OIhw
   expect = {
       'resnet.conv1.weight': conv(p['resnet']['conv1']['kernel']),
       'resnet.bn1.weight': p['resnet']['bn1']['scale'],
       'resnet.bn1.bias': p['resnet']['bn1']['bias'],
       'resnet.bn1.running_mean': s['resnet']['bn1']['mean'],
       'resnet.bn1.running_var': s['resnet']['bn1']['var'],
-      'resnet.layer1.0.downsample.0.weight':
-          conv(p['resnet']['layer1_0']['downsample_0']['kernel']),
-      'resnet.layer1.0.downsample.1.running_var':
-          s['resnet']['layer1_0']['downsample_1']['var'],
-      'resnet.layer3_1.5.conv2.weight':
-          conv(p['resnet']['layer3_1_5']['conv2']['kernel']),
-      'conv4.conv2d_list.3.weight':
-          conv(p['conv4']['conv2d_list_3']['kernel']),
+      'resnet.layer1.0.downsample.0.weight': conv(
+          p['resnet']['layer1_0']['downsample_0']['kernel']
+      ),
+      'resnet.layer1.0.downsample.1.running_var': s['resnet']['layer1_0'][
+          'downsample_1'
+      ]['var'],
+      'resnet.layer3_1.5.conv2.weight': conv(
+          p['resnet']['layer3_1_5']['conv2']['kernel']
+      ),
+      'conv4.conv2d_list.3.weight': conv(p['conv4']['conv2d_list_3']['kernel']),
       'conv4.conv2d_list.3.bias': p['conv4']['conv2d_list_3']['bias'],
-      'path1.resConfUnit1.conv1.weight':
-          conv(p['path1']['resConfUnit1']['conv1']['kernel']),
+      'path1.resConfUnit1.conv1.weight': conv(
+          p['path1']['resConfUnit1']['conv1']['kernel']
+      ),
       'output_conv.4.weight': conv(p['output_conv_4']['kernel']),
   }
   shapes = {
@@ -138,10 +150,12 @@ def test_resnet_torch_layout(resnet):
   for k, want in shapes.items():
     assert sd[k].shape == want, k
   # The unused second branch: a copy of the first, key for key.
-  for src, dst in (('resnet.layer3_1.', 'resnet.layer3_2.'),
-                   ('resnet.layer4_1.', 'resnet.layer4_2.')):
-    first = {k[len(src):] for k in sd if k.startswith(src)}
-    second = {k[len(dst):] for k in sd if k.startswith(dst)}
+  for src, dst in (
+      ('resnet.layer3_1.', 'resnet.layer3_2.'),
+      ('resnet.layer4_1.', 'resnet.layer4_2.'),
+  ):
+    first = {k[len(src) :] for k in sd if k.startswith(src)}
+    second = {k[len(dst) :] for k in sd if k.startswith(dst)}
     assert first and first == second
     for k in first:
       np.testing.assert_array_equal(sd[dst + k], sd[src + k])
@@ -172,19 +186,36 @@ def test_tpavi_torch_layout(pvt):
   }
   for k, want in shapes.items():
     assert sd[k].shape == want, k
-  np.testing.assert_array_equal(sd['tpavi_b2.align_channel.weight'],
-                                p['align_channel']['kernel'].T)
+  np.testing.assert_array_equal(
+      sd['tpavi_b2.align_channel.weight'], p['align_channel']['kernel'].T
+  )
   np.testing.assert_array_equal(
       sd['tpavi_b2.theta.weight'][:, :, 0, 0, 0],
-      p['theta']['kernel'].reshape(C, C // 2).T)
-  np.testing.assert_array_equal(sd['tpavi_b2.W_z.1.running_var'],
-                                v['batch_stats']['tpavi_b2']['W_z_1']['var'])
+      p['theta']['kernel'].reshape(C, C // 2).T,
+  )
+  np.testing.assert_array_equal(
+      sd['tpavi_b2.W_z.1.running_var'],
+      v['batch_stats']['tpavi_b2']['W_z_1']['var'],
+  )
   assert {k.split('.', 1)[1] for k in sd if k.startswith('tpavi_b2.')} == {
-      'theta.weight', 'theta.bias', 'phi.weight', 'phi.bias', 'g.weight',
-      'g.bias', 'W_z.0.weight', 'W_z.0.bias', 'W_z.1.weight', 'W_z.1.bias',
-      'W_z.1.running_mean', 'W_z.1.running_var', 'W_z.1.num_batches_tracked',
-      'align_channel.weight', 'align_channel.bias', 'norm_layer.weight',
-      'norm_layer.bias'}
+      'theta.weight',
+      'theta.bias',
+      'phi.weight',
+      'phi.bias',
+      'g.weight',
+      'g.bias',
+      'W_z.0.weight',
+      'W_z.0.bias',
+      'W_z.1.weight',
+      'W_z.1.bias',
+      'W_z.1.running_mean',
+      'W_z.1.running_var',
+      'W_z.1.num_batches_tracked',
+      'align_channel.weight',
+      'align_channel.bias',
+      'norm_layer.weight',
+      'norm_layer.bias',
+  }
 
 
 def test_pvt_torch_layout(pvt):
@@ -208,21 +239,25 @@ def test_pvt_torch_layout(pvt):
   for k, want in shapes.items():
     assert sd[k].shape == want, k
   assert 'encoder_backbone.block4.0.attn.sr.weight' not in sd  # sr_ratio 1
-  np.testing.assert_array_equal(sd['encoder_backbone.block1.0.attn.kv.weight'],
-                                e['block1_0']['attn']['kv']['kernel'].T)
+  np.testing.assert_array_equal(
+      sd['encoder_backbone.block1.0.attn.kv.weight'],
+      e['block1_0']['attn']['kv']['kernel'].T,
+  )
   np.testing.assert_array_equal(
       sd['encoder_backbone.block1.0.mlp.dwconv.dwconv.weight'],
-      np.transpose(e['block1_0']['mlp']['dwconv']['dwconv']['kernel'],
-                   (3, 2, 0, 1)))
-  np.testing.assert_array_equal(sd['encoder_backbone.norm4.weight'],
-                                e['norm4']['scale'])
+      np.transpose(
+          e['block1_0']['mlp']['dwconv']['dwconv']['kernel'], (3, 2, 0, 1)
+      ),
+  )
+  np.testing.assert_array_equal(
+      sd['encoder_backbone.norm4.weight'], e['norm4']['scale']
+  )
   assert not any(k.startswith('resnet.') for k in sd)
 
 
 @pytest.mark.parametrize('mode', ['concatenate', 'gaussian'])
 def test_round_trip_other_tpavi_modes(mode):
-  cfg = config('pvt_v2_b0', tpavi_mode=mode, tpavi_vv=True,
-               tpavi_stages=(2, 3))
+  cfg = config('pvt_v2_b0', tpavi_mode=mode, tpavi_vv=True, tpavi_stages=(2, 3))
   variables = random_variables(torch_weights.model_shapes(cfg), seed=3)
   sd = torch_weights.flax_to_torch(variables, cfg)
   keys = {k.split('.', 1)[1] for k in sd if k.startswith('tpavi_b3.')}
@@ -245,10 +280,17 @@ def golden_config(name):
   with np.load(os.path.join(GOLDEN, name)) as z:
     cfg = json.loads(z['config'].item())
     shapes = json.loads(z['state_dict_shapes'].item())
-  return config(cfg['backbone'], channels=cfg['channel'],
-                tpavi_stages=tuple(cfg['tpavi_stages']),
-                tpavi_mode=cfg['tpavi_mode'], tpavi_vv=cfg['tpavi_vv'],
-                tpavi_va=cfg['tpavi_va']), shapes
+  return (
+      config(
+          cfg['backbone'],
+          channels=cfg['channel'],
+          tpavi_stages=tuple(cfg['tpavi_stages']),
+          tpavi_mode=cfg['tpavi_mode'],
+          tpavi_vv=cfg['tpavi_vv'],
+          tpavi_va=cfg['tpavi_va'],
+      ),
+      shapes,
+  )
 
 
 def zero_view(shape, dtype=np.float32):
@@ -256,17 +298,20 @@ def zero_view(shape, dtype=np.float32):
   return np.broadcast_to(np.zeros((), dtype), tuple(shape))
 
 
-@pytest.mark.parametrize('name', ['avs_resnet50_224.npz',
-                                  'avs_pvt_v2_b5_224.npz'])
+@pytest.mark.parametrize(
+    'name', ['avs_resnet50_224.npz', 'avs_pvt_v2_b5_224.npz']
+)
 def test_keys_and_shapes_equal_reference(name):
   cfg, golden = golden_config(name)
-  shapes = torch_weights.model_shapes(cfg)                   # no materialisation
+  shapes = torch_weights.model_shapes(cfg)  # no materialisation
   sd = torch_weights.flax_to_torch(
-      unflatten({p: zero_view(s.shape) for p, s in shapes.items()}), cfg)
+      unflatten({p: zero_view(s.shape) for p, s in shapes.items()}), cfg
+  )
   ours = {k: tuple(v.shape) for k, v in sd.items()}
   if not any(k.endswith('num_batches_tracked') for k in golden):
-    ours = {k: s for k, s in ours.items()
-            if not k.endswith('num_batches_tracked')}
+    ours = {
+        k: s for k, s in ours.items() if not k.endswith('num_batches_tracked')
+    }
   golden = {k: tuple(s) for k, s in golden.items()}
   assert set(ours) - set(golden) == set()
   assert set(golden) - set(ours) == set()
@@ -278,7 +323,8 @@ def test_keys_and_shapes_equal_reference(name):
   ref_sd = {k: zero_view(s) for k, s in golden.items()}
   flat = flatten(torch_weights.torch_to_flax(ref_sd, cfg))
   assert {p: np.shape(v) for p, v in flat.items()} == {
-      p: s.shape for p, s in shapes.items()}
+      p: s.shape for p, s in shapes.items()
+  }
 
 
 # --------------------------------------------------------------------------
@@ -295,9 +341,16 @@ def test_module_prefix(pvt):
 def test_wrapped_state_dict_file(pvt, tmp_path, wrapper):
   cfg, variables, sd = pvt
   path = str(tmp_path / 'ckpt.pth')
-  torch.save({wrapper: {'module.' + k: torch.from_numpy(np.array(v))
-                        for k, v in sd.items()},
-              'epoch': 3}, path)
+  torch.save(
+      {
+          wrapper: {
+              'module.' + k: torch.from_numpy(np.array(v))
+              for k, v in sd.items()
+          },
+          'epoch': 3,
+      },
+      path,
+  )
   loaded = torch_weights.load_state_dict(path)
   assert set(loaded) == {'module.' + k for k in sd}
   assert_trees_equal(torch_weights.torch_to_flax(loaded, cfg), variables)
@@ -319,8 +372,9 @@ def test_missing_running_stat_raises(resnet):
   cfg, _, sd = resnet
   sd = dict(sd)
   del sd['resnet.layer2.3.bn2.running_var']
-  with pytest.raises(ConversionError, match=re.escape(
-      'resnet.layer2.3.bn2.running_var')):
+  with pytest.raises(
+      ConversionError, match=re.escape('resnet.layer2.3.bn2.running_var')
+  ):
     torch_weights.torch_to_flax(sd, cfg)
 
 
@@ -362,10 +416,11 @@ def test_unrecognised_checkpoint_raises():
 def torchvision_resnet50(sd):
   out = {}
   for k, v in sd.items():
-    if not k.startswith('resnet.') or k.startswith(('resnet.layer3_2.',
-                                                    'resnet.layer4_2.')):
+    if not k.startswith('resnet.') or k.startswith(
+        ('resnet.layer3_2.', 'resnet.layer4_2.')
+    ):
       continue
-    k = k[len('resnet.'):]
+    k = k[len('resnet.') :]
     k = k.replace('layer3_1.', 'layer3.').replace('layer4_1.', 'layer4.')
     out[k] = torch.from_numpy(np.array(v))
   out['fc.weight'] = torch.randn(1000, 2048)
@@ -377,14 +432,26 @@ def test_torchvision_resnet50(resnet):
   cfg, variables, sd = resnet
   tv = torchvision_resnet50(sd)
   # Sanity of the hand-built file: torchvision's key names.
-  assert {'conv1.weight', 'bn1.running_mean', 'layer3.5.bn3.weight',
-          'layer4.0.downsample.0.weight', 'fc.bias'} <= set(tv)
+  assert {
+      'conv1.weight',
+      'bn1.running_mean',
+      'layer3.5.bn3.weight',
+      'layer4.0.downsample.0.weight',
+      'fc.bias',
+  } <= set(tv)
   assert not any('_' in k.split('.')[0] for k in tv)
   enc = torch_weights.torch_to_flax(tv, cfg)
-  assert {c: set(t) for c, t in enc.items()} == {'params': {'resnet'},
-                                                 'batch_stats': {'resnet'}}
-  assert_trees_equal(enc, {c: {'resnet': variables[c]['resnet']}
-                           for c in ('params', 'batch_stats')})
+  assert {c: set(t) for c, t in enc.items()} == {
+      'params': {'resnet'},
+      'batch_stats': {'resnet'},
+  }
+  assert_trees_equal(
+      enc,
+      {
+          c: {'resnet': variables[c]['resnet']}
+          for c in ('params', 'batch_stats')
+      },
+  )
   base = random_variables(torch_weights.model_shapes(cfg), seed=7)
   merged = torch_weights.merge_variables(base, enc)
   fm, fb, fv = flatten(merged), flatten(base), flatten(variables)
@@ -396,15 +463,19 @@ def test_torchvision_resnet50(resnet):
 
 def test_pvt_v2_backbone(pvt):
   cfg, variables, sd = pvt
-  pv = {k[len('encoder_backbone.'):]: v for k, v in sd.items()
-        if k.startswith('encoder_backbone.')}
+  pv = {
+      k[len('encoder_backbone.') :]: v
+      for k, v in sd.items()
+      if k.startswith('encoder_backbone.')
+  }
   pv['head.weight'] = np.ones((1000, 256), np.float32)
   pv['head.bias'] = np.ones((1000,), np.float32)
   enc = torch_weights.torch_to_flax(pv, cfg)
   assert set(enc) == {'params'}
   assert set(enc['params']) == {'encoder_backbone'}
-  assert_trees_equal(enc['params']['encoder_backbone'],
-                     variables['params']['encoder_backbone'])
+  assert_trees_equal(
+      enc['params']['encoder_backbone'], variables['params']['encoder_backbone']
+  )
   base = random_variables(torch_weights.model_shapes(cfg), seed=8)
   merged = torch_weights.merge_variables(base, enc)
   fm, fb, fv = flatten(merged), flatten(base), flatten(variables)
@@ -419,8 +490,9 @@ def test_pvt_v2_backbone(pvt):
 def test_merge_variables_checks(pvt):
   _, variables, _ = pvt
   with pytest.raises(ConversionError, match='not in the model'):
-    torch_weights.merge_variables(variables, {'params': {'nope': {'kernel':
-                                                            np.zeros(1)}}})
+    torch_weights.merge_variables(
+        variables, {'params': {'nope': {'kernel': np.zeros(1)}}}
+    )
   bad = {'params': {'conv1': {'conv2d_list_0': {'bias': np.zeros(C + 1)}}}}
   with pytest.raises(ConversionError, match='conv2d_list_0'):
     torch_weights.merge_variables(variables, bad)
@@ -430,9 +502,14 @@ def test_merge_variables_checks(pvt):
 # File formats.
 
 
-_ST_DTYPES = {np.dtype(np.float32): 'F32', np.dtype(np.float16): 'F16',
-              np.dtype(np.float64): 'F64', np.dtype(np.int64): 'I64',
-              np.dtype(np.int32): 'I32', np.dtype(np.uint8): 'U8'}
+_ST_DTYPES = {
+    np.dtype(np.float32): 'F32',
+    np.dtype(np.float16): 'F16',
+    np.dtype(np.float64): 'F64',
+    np.dtype(np.int64): 'I64',
+    np.dtype(np.int32): 'I32',
+    np.dtype(np.uint8): 'U8',
+}
 
 
 def write_safetensors(path, tensors, bf16=()):
@@ -449,8 +526,11 @@ def write_safetensors(path, tensors, bf16=()):
     else:
       raw = a.astype(a.dtype.newbyteorder('<')).tobytes()
       dtype = _ST_DTYPES[a.dtype]
-    header[name] = {'dtype': dtype, 'shape': list(a.shape),
-                    'data_offsets': [offset, offset + len(raw)]}
+    header[name] = {
+        'dtype': dtype,
+        'shape': list(a.shape),
+        'data_offsets': [offset, offset + len(raw)],
+    }
     blobs.append(raw)
     offset += len(raw)
   h = json.dumps(header).encode()
@@ -462,12 +542,14 @@ def write_safetensors(path, tensors, bf16=()):
 @pytest.fixture
 def small_sd():
   rng = np.random.default_rng(5)
-  return {'a.weight': rng.standard_normal((4, 3, 3, 3), np.float32),
-          'a.bias': rng.standard_normal((4,), np.float32),
-          'b.0.weight': rng.standard_normal((5, 7), np.float32),
-          'bn.running_var': rng.random(6, np.float32) + 0.5,
-          'bn.num_batches_tracked': np.array(17, np.int64),
-          'half.weight': rng.standard_normal((2, 3)).astype(np.float16)}
+  return {
+      'a.weight': rng.standard_normal((4, 3, 3, 3), np.float32),
+      'a.bias': rng.standard_normal((4,), np.float32),
+      'b.0.weight': rng.standard_normal((5, 7), np.float32),
+      'bn.running_var': rng.random(6, np.float32) + 0.5,
+      'bn.num_batches_tracked': np.array(17, np.int64),
+      'half.weight': rng.standard_normal((2, 3)).astype(np.float16),
+  }
 
 
 def check_loaded(loaded, sd):
@@ -513,10 +595,12 @@ def test_load_safetensors_bf16(tmp_path, small_sd):
 
 def test_same_model_from_every_format(tmp_path, pvt):
   cfg, variables, sd = pvt
-  paths = {ext: str(tmp_path / f'm{ext}') for ext in ('.pth', '.npz',
-                                                      '.safetensors')}
-  torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
-             paths['.pth'])
+  paths = {
+      ext: str(tmp_path / f'm{ext}') for ext in ('.pth', '.npz', '.safetensors')
+  }
+  torch.save(
+      {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, paths['.pth']
+  )
   np.savez(paths['.npz'], **sd)
   write_safetensors(paths['.safetensors'], sd)
   for ext, path in paths.items():
@@ -539,10 +623,15 @@ def test_missing_file_raises(tmp_path):
 def vggish():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from avs_jax.models import build_vggish  # pylint: disable=g-import-not-at-top
-  shapes = jax.eval_shape(build_vggish(postprocess=True).init,
-                          jax.random.key(0), jnp.zeros((1, 96, 64)))
-  return random_variables(flatten(jax.tree.map(lambda s: s, dict(shapes))),
-                          seed=9)
+
+  shapes = jax.eval_shape(
+      build_vggish(postprocess=True).init,
+      jax.random.key(0),
+      jnp.zeros((1, 96, 64)),
+  )
+  return random_variables(
+      flatten(jax.tree.map(lambda s: s, dict(shapes))), seed=9
+  )
 
 
 def test_vggish_round_trip(vggish):
@@ -553,19 +642,22 @@ def test_vggish_round_trip(vggish):
   assert sd['embeddings.0.weight'].shape == (4096, 12288)
   assert sd['embeddings.4.weight'].shape == (128, 4096)
   assert sd['pca_eigen_vectors'].shape == (128, 128)
-  assert sd['pca_means'].shape == (128, 1)     # torchvggish's column vector
-  np.testing.assert_array_equal(sd['embeddings.4.weight'],
-                                vggish['params']['embeddings_4']['kernel'].T)
-  np.testing.assert_array_equal(sd['pca_eigen_vectors'],
-                                vggish['pca']['eigen_vectors'])
+  assert sd['pca_means'].shape == (128, 1)  # torchvggish's column vector
+  np.testing.assert_array_equal(
+      sd['embeddings.4.weight'], vggish['params']['embeddings_4']['kernel'].T
+  )
+  np.testing.assert_array_equal(
+      sd['pca_eigen_vectors'], vggish['pca']['eigen_vectors']
+  )
   # PCA inside the same dict (torchvggish's hub file) ...
   assert_trees_equal(torch_weights.vggish_torch_to_flax(sd), vggish)
   # ... or as a separate file with the Postprocessor's `pproc.` names.
   net = {k: v for k, v in sd.items() if not k.startswith('pca_')}
   pca = {'pproc.' + k: v for k, v in sd.items() if k.startswith('pca_')}
   assert_trees_equal(torch_weights.vggish_torch_to_flax(net, pca), vggish)
-  assert_trees_equal(torch_weights.vggish_torch_to_flax(net),
-                     {'params': vggish['params']})
+  assert_trees_equal(
+      torch_weights.vggish_torch_to_flax(net), {'params': vggish['params']}
+  )
 
 
 def test_vggish_errors(vggish):
@@ -573,8 +665,9 @@ def test_vggish_errors(vggish):
   with pytest.raises(ConversionError, match='pca_means'):
     torch_weights.vggish_torch_to_flax(sd, {'pca_eigen_vectors': np.eye(128)})
   with pytest.raises(ConversionError, match='eigen_vectors'):
-    torch_weights.vggish_torch_to_flax(sd, {'pca_eigen_vectors': np.eye(64),
-                                      'pca_means': np.zeros(128)})
+    torch_weights.vggish_torch_to_flax(
+        sd, {'pca_eigen_vectors': np.eye(64), 'pca_means': np.zeros(128)}
+    )
   del sd['features.3.bias']
   with pytest.raises(ConversionError, match=re.escape('features.3.bias')):
     torch_weights.vggish_torch_to_flax(sd)

@@ -12,6 +12,7 @@ made tiny by flags) is the reference for the other tests:
 The runs share a persistent XLA compilation cache (in pytest's cache
 directory) so that only the first session pays for compiling the model.
 """
+
 import gc
 import json
 import os
@@ -36,10 +37,10 @@ from avs_jax import train
 from configs import synthetic as synthetic_config
 from data_prep import synthetic
 
-STEPS = 6          # 16 train clips / batch 4: 4 steps per epoch, val at 4, 6
-CKPT_EVERY = 2     # checkpoints at 2, 4, 6 (all kept: keep=3)
+STEPS = 6  # 16 train clips / batch 4: 4 steps per epoch, val at 4, 6
+CKPT_EVERY = 2  # checkpoints at 2, 4, 6 (all kept: keep=3)
 TINY = {
-    'data.synthetic.clips': 24,   # 16 train / 4 val / 4 test
+    'data.synthetic.clips': 24,  # 16 train / 4 val / 4 test
     'data.synthetic.size': 32,
     'data.image_size': 32,
     'model.backbone': 'pvt_v2_b0',  # drop-path: rng under sharding
@@ -66,11 +67,16 @@ REPO = procs.REPO
 def jax_cache(request, tmp_path_factory):
   """A persistent compilation cache for this module and its subprocesses."""
   cache = getattr(request.config, 'cache', None)
-  path = str(cache.mkdir('jax_compilation_cache') if cache is not None
-             else tmp_path_factory.mktemp('jax_compilation_cache'))
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
+  path = str(
+      cache.mkdir('jax_compilation_cache')
+      if cache is not None
+      else tmp_path_factory.mktemp('jax_compilation_cache')
+  )
+  names = (
+      'jax_compilation_cache_dir',
+      'jax_persistent_cache_min_compile_time_secs',
+      'jax_persistent_cache_min_entry_size_bytes',
+  )
   previous = {n: getattr(jax.config, n) for n in names}
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
@@ -79,6 +85,7 @@ def jax_cache(request, tmp_path_factory):
   for n, v in previous.items():
     jax.config.update(n, v)
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+
   compilation_cache.reset_cache()
 
 
@@ -98,8 +105,9 @@ def overrides(tmp_path_factory, jax_cache):
 def make_config(o, **extra):
   """configs/synthetic.py with the overrides (dotted keys) applied."""
   c = synthetic_config.get_config()
-  c.update_from_flattened_dict(dict(o, **{k.replace('__', '.'): v
-                                          for k, v in extra.items()}))
+  c.update_from_flattened_dict(
+      dict(o, **{k.replace('__', '.'): v for k, v in extra.items()})
+  )
   return c
 
 
@@ -107,7 +115,7 @@ def run_py(workdir, o, log, cache):
   return procs.run_py(workdir, o, log, procs.env(cache))
 
 
-DEVICES_SCRIPT = r'''
+DEVICES_SCRIPT = r"""
 import json, os, sys
 import jax
 from avs_jax import runtime, train
@@ -128,7 +136,7 @@ for fsdp in (False, True):
       'data' in s.spec for s in jax.tree_util.tree_leaves(shardings))
 with open(os.path.join(out, 'info.json'), 'w') as f:
   json.dump(info, f)
-'''
+"""
 
 
 @pytest.fixture(scope='module')
@@ -140,10 +148,18 @@ def launched(overrides, jax_cache, tmp_path_factory):
   os.makedirs(d4)
   procs = {
       'A': run_py(a, overrides, str(base / 'A.log'), jax_cache),
-      'D4': procs.Proc([sys.executable, '-c', DEVICES_SCRIPT,
-                        json.dumps(overrides), d4, '4'],
-                       str(base / 'devices4.log'),
-                       procs.env(jax_cache, devices=4)),
+      'D4': procs.Proc(
+          [
+              sys.executable,
+              '-c',
+              DEVICES_SCRIPT,
+              json.dumps(overrides),
+              d4,
+              '4',
+          ],
+          str(base / 'devices4.log'),
+          procs.env(jax_cache, devices=4),
+      ),
   }
   yield dict(base=base, A=a, D4=d4, procs=procs)
   for p in procs.values():
@@ -185,8 +201,10 @@ def ckpt_steps(workdir):
 
 
 def flat(tree):
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      '/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+      for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def assert_trees_close(actual, expected, rtol, atol, what):
@@ -194,8 +212,9 @@ def assert_trees_close(actual, expected, rtol, atol, what):
   assert sorted(a) == sorted(e), what
   assert a, what
   for k in e:
-    np.testing.assert_allclose(a[k], e[k], rtol=rtol, atol=atol,
-                               err_msg=f'{what}: {k}')
+    np.testing.assert_allclose(
+        a[k], e[k], rtol=rtol, atol=atol, err_msg=f'{what}: {k}'
+    )
 
 
 def evaluate_path(config, workdir, path, **kw):
@@ -218,9 +237,11 @@ def test_demo_command_end_to_end(run_a, overrides):
 
   num_test = data_lib.num_examples(overrides['data.dir'], 'ms3', 'test')
   best = max((val[s]['val_miou'], s) for s in val)[1]
-  for audio, name in (('true', 'eval_test.json'),
-                      ('shuffled', 'eval_test_shuffled.json'),
-                      ('silent', 'eval_test_silent.json')):
+  for audio, name in (
+      ('true', 'eval_test.json'),
+      ('shuffled', 'eval_test_shuffled.json'),
+      ('silent', 'eval_test_silent.json'),
+  ):
     res = read_json(os.path.join(run_a, name))
     assert res['audio'] == audio and res['split'] == 'test'
     assert res['checkpoint_step'] == best
@@ -229,8 +250,12 @@ def test_demo_command_end_to_end(run_a, overrides):
       assert 0.0 <= res[k] <= 1.0, (name, k, res[k])
   for name in ('report.md', 'training_curve.png', 'test_grid.png'):
     assert os.path.getsize(os.path.join(run_a, name)) > 0, name
-  overlays = [f for _, _, fs in os.walk(os.path.join(run_a, 'predictions_test'))
-              for f in fs if f.endswith('_overlay.png')]
+  overlays = [
+      f
+      for _, _, fs in os.walk(os.path.join(run_a, 'predictions_test'))
+      for f in fs
+      if f.endswith('_overlay.png')
+  ]
   assert len(overlays) == num_test * 5
 
 
@@ -256,8 +281,9 @@ def test_four_devices_match_one(launched, run_a, overrides, fsdp, tmp_path):
   assert sorted(four) == [1, 2]
   for step in (1, 2):
     for k in ('loss', 'bce', 'avm', 'grad_norm'):
-      np.testing.assert_allclose(four[step][k], one[step][k], rtol=1e-4,
-                                 err_msg=f'{k} at step {step}')
+      np.testing.assert_allclose(
+          four[step][k], one[step][k], rtol=1e-4, err_msg=f'{k} at step {step}'
+      )
   s1, step1 = ckpt_lib.load_state(os.path.join(run_a, 'checkpoints', '2'))
   s4, step4 = ckpt_lib.load_state(os.path.join(d, 'checkpoints', '2'))
   assert step1 == step4 == 2 and int(s4['step']) == 2
@@ -271,19 +297,22 @@ def test_four_devices_match_one(launched, run_a, overrides, fsdp, tmp_path):
   total = sum(v.size for v in p1.values())
   off = 0
   for k in p1:
-    np.testing.assert_allclose(p4[k], p1[k], rtol=0, atol=2 * lr * 2,
-                               err_msg=k)
+    np.testing.assert_allclose(p4[k], p1[k], rtol=0, atol=2 * lr * 2, err_msg=k)
     off += int(np.sum(np.abs(p4[k] - p1[k]) > 1e-5 + 1e-4 * np.abs(p1[k])))
   assert off <= 1e-4 * total, f'{off} of {total} weights differ'
-  assert_trees_close(s4['batch_stats'], s1['batch_stats'], 1e-4, 1e-5,
-                     'batch_stats')
-  assert_trees_close(s4['opt_state'], s1['opt_state'], 1e-3, 1e-7,
-                     'opt_state')
+  assert_trees_close(
+      s4['batch_stats'], s1['batch_stats'], 1e-4, 1e-5, 'batch_stats'
+  )
+  assert_trees_close(s4['opt_state'], s1['opt_state'], 1e-3, 1e-7, 'opt_state')
 
   # Validation on 4 devices == the 1-device evaluation of the same step.
   val4 = val_by_step(d)[2]
-  res = evaluate_path(make_config(overrides), str(tmp_path),
-                      os.path.join(run_a, 'checkpoints', '2'), split='val')
+  res = evaluate_path(
+      make_config(overrides),
+      str(tmp_path),
+      os.path.join(run_a, 'checkpoints', '2'),
+      split='val',
+  )
   np.testing.assert_allclose(val4['val_miou'], res['miou'], atol=1e-5)
   np.testing.assert_allclose(val4['val_fscore'], res['fscore'], atol=1e-5)
 
@@ -304,7 +333,8 @@ def run_b(launched, run_a, overrides, jax_cache):
 
   def saving():
     return os.path.isdir(ckpts) and any(
-        first_ckpt.match(n) for n in os.listdir(ckpts))
+        first_ckpt.match(n) for n in os.listdir(ckpts)
+    )
 
   deadline = time.time() + SUBPROCESS_TIMEOUT
   while not saving():
@@ -324,8 +354,13 @@ def run_b(launched, run_a, overrides, jax_cache):
   second = run_py(b, overrides, str(base / 'B2.log'), jax_cache)
   rc = second.wait()
   assert rc == 0, second.tail()
-  return dict(workdir=b, stopped=stopped, files_after_stop=files_after_stop,
-              steps_after_stop=steps_after_stop, log2=second.output())
+  return dict(
+      workdir=b,
+      stopped=stopped,
+      files_after_stop=files_after_stop,
+      steps_after_stop=steps_after_stop,
+      log2=second.output(),
+  )
 
 
 def test_preempted_run_resumes_to_the_same_result(run_a, run_b):
@@ -346,25 +381,32 @@ def test_preempted_run_resumes_to_the_same_result(run_a, run_b):
   assert len([r for r in metrics_rows(b) if 'loss' in r]) == STEPS
   for step in range(1, STEPS + 1):
     for k in ('loss', 'bce', 'avm', 'grad_norm'):
-      np.testing.assert_allclose(lb[step][k], la[step][k], rtol=1e-6,
-                                 err_msg=f'{k} at step {step}')
+      np.testing.assert_allclose(
+          lb[step][k], la[step][k], rtol=1e-6, err_msg=f'{k} at step {step}'
+      )
   va, vb = val_by_step(run_a), val_by_step(b)
   assert sorted(vb) == sorted(va)
   for step in va:
-    np.testing.assert_allclose(vb[step]['val_miou'], va[step]['val_miou'],
-                               rtol=1e-6)
-    np.testing.assert_allclose(vb[step]['val_fscore'], va[step]['val_fscore'],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        vb[step]['val_miou'], va[step]['val_miou'], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        vb[step]['val_fscore'], va[step]['val_fscore'], rtol=1e-6
+    )
 
-  sa, step_a = ckpt_lib.load_state(os.path.join(run_a, 'checkpoints',
-                                                str(STEPS)))
+  sa, step_a = ckpt_lib.load_state(
+      os.path.join(run_a, 'checkpoints', str(STEPS))
+  )
   sb, step_b = ckpt_lib.load_state(os.path.join(b, 'checkpoints', str(STEPS)))
   assert step_a == step_b == STEPS
   for k in ('params', 'batch_stats', 'opt_state'):
     assert_trees_close(sb[k], sa[k], 1e-6, 1e-8, k)
 
-  for name in ('eval_test.json', 'eval_test_shuffled.json',
-               'eval_test_silent.json'):
+  for name in (
+      'eval_test.json',
+      'eval_test_shuffled.json',
+      'eval_test_silent.json',
+  ):
     ra, rb = (read_json(os.path.join(w, name)) for w in (run_a, b))
     assert rb['checkpoint_step'] == ra['checkpoint_step'], name
     assert rb['num_clips'] == ra['num_clips'], name
@@ -380,13 +422,19 @@ def test_restored_checkpoint_gives_logged_val_j(run_a, overrides, tmp_path):
   config = make_config(overrides, eval__split='val')
   val = val_by_step(run_a)
   for step in sorted(val):
-    res = evaluate_path(config, str(tmp_path), os.path.join(
-        run_a, 'checkpoints', str(step)))
+    res = evaluate_path(
+        config, str(tmp_path), os.path.join(run_a, 'checkpoints', str(step))
+    )
     assert res['checkpoint_step'] == step and res['split'] == 'val'
-    np.testing.assert_allclose(res['miou'], val[step]['val_miou'], rtol=1e-6,
-                               err_msg=f'step {step}')
-    np.testing.assert_allclose(res['fscore'], val[step]['val_fscore'],
-                               rtol=1e-6, err_msg=f'step {step}')
+    np.testing.assert_allclose(
+        res['miou'], val[step]['val_miou'], rtol=1e-6, err_msg=f'step {step}'
+    )
+    np.testing.assert_allclose(
+        res['fscore'],
+        val[step]['val_fscore'],
+        rtol=1e-6,
+        err_msg=f'step {step}',
+    )
     assert read_json(os.path.join(tmp_path, 'eval_val.json')) == res
   # The workdir itself resolves to the best step by val J.
   best = max((val[s]['val_miou'], s) for s in val)[1]
@@ -405,7 +453,8 @@ def test_eval_audio_modes(run_a, overrides, audio, tmp_path):
   res = evaluate_path(config, str(tmp_path), path)
   assert res['audio'] == audio and res['checkpoint_step'] == STEPS
   assert [f for f in os.listdir(tmp_path) if f.endswith('.json')] == [
-      f'eval_test_{audio}.json']
+      f'eval_test_{audio}.json'
+  ]
   assert read_json(os.path.join(tmp_path, f'eval_test_{audio}.json')) == res
   report = read_json(os.path.join(run_a, f'eval_test_{audio}.json'))
   if report['checkpoint_step'] == STEPS:
@@ -417,8 +466,9 @@ def test_eval_audio_modes(run_a, overrides, audio, tmp_path):
 # 4. A converted PyTorch checkpoint.
 
 
-def test_converted_torch_checkpoint_restores_and_evaluates(overrides, tmp_path,
-                                                           jax_cache):
+def test_converted_torch_checkpoint_restores_and_evaluates(
+    overrides, tmp_path, jax_cache
+):
   config = make_config(overrides, seed=7)
   model, vggish = runtime.build(config)
   variables = jax.device_get(runtime.init_variables(config, model))
@@ -427,7 +477,10 @@ def test_converted_torch_checkpoint_restores_and_evaluates(overrides, tmp_path,
   # Non-trivial BatchNorm statistics, so that their conversion shows.
   variables['batch_stats'] = jax.tree_util.tree_map(
       lambda x: (rng.uniform(0.5, 1.5, x.shape) if x.ndim else x).astype(
-          np.float32), variables['batch_stats'])
+          np.float32
+      ),
+      variables['batch_stats'],
+  )
   sd = torch_weights.flax_to_torch(variables, config.model)
   src = str(tmp_path / 'avs_random.npz')
   np.savez(src, **sd)
@@ -438,33 +491,53 @@ def test_converted_torch_checkpoint_restores_and_evaluates(overrides, tmp_path,
       'def get_config(arg=None):\n'
       '  c = synthetic.get_config(arg)\n'
       f'  c.update_from_flattened_dict({dict(TINY)!r})\n'
-      '  return c\n')
+      '  return c\n'
+  )
   out = str(tmp_path / 'converted')
   p = subprocess.run(
-      [sys.executable, '-m', 'avs_jax.convert', f'--src={src}',
-       f'--config={cfg_file}', f'--out={out}'], cwd=REPO,
+      [
+          sys.executable,
+          '-m',
+          'avs_jax.convert',
+          f'--src={src}',
+          f'--config={cfg_file}',
+          f'--out={out}',
+      ],
+      cwd=REPO,
       env=procs.env(jax_cache),
-      capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+      capture_output=True,
+      text=True,
+      timeout=SUBPROCESS_TIMEOUT,
+  )
   assert p.returncode == 0, p.stdout + p.stderr
 
   restored, step = ckpt_lib.load_state(out)
-  expected = torch_weights.torch_to_flax(torch_weights.load_state_dict(src),
-                                         config.model)
+  expected = torch_weights.torch_to_flax(
+      torch_weights.load_state_dict(src), config.model
+  )
   assert_trees_close(restored['params'], expected['params'], 0, 0, 'params')
-  assert_trees_close(restored['batch_stats'], expected['batch_stats'], 0, 0,
-                     'batch_stats')
-  assert_trees_close(restored['params'], variables['params'], 0, 0,
-                     'round trip')
+  assert_trees_close(
+      restored['batch_stats'], expected['batch_stats'], 0, 0, 'batch_stats'
+  )
+  assert_trees_close(
+      restored['params'], variables['params'], 0, 0, 'round trip'
+  )
 
   # `--mode eval` restores it: the same numbers as the variables themselves.
   res = evaluate_path(config, str(tmp_path / 'eval'), out)
   assert res['checkpoint_step'] == step
   mesh = runtime.make_mesh()
-  evaluator = evaluate.Evaluator(config, model, vggish, mesh,
-                                 runtime.audio_variables(config, vggish, mesh))
+  evaluator = evaluate.Evaluator(
+      config, model, vggish, mesh, runtime.audio_variables(config, vggish, mesh)
+  )
   direct = evaluator.run(variables, 'ms3', 'test')
-  for k in ('miou', 'fscore', 'miou_per_frame', 'fscore_per_frame',
-            'num_clips'):
+  for k in (
+      'miou',
+      'fscore',
+      'miou_per_frame',
+      'fscore_per_frame',
+      'num_clips',
+  ):
     np.testing.assert_allclose(res[k], direct[k], rtol=1e-6, err_msg=k)
 
 
@@ -472,28 +545,36 @@ def test_converted_torch_checkpoint_restores_and_evaluates(overrides, tmp_path,
 # 7. A NaN loss stops the run.
 
 
-def test_nan_loss_stops_with_the_step_and_no_bad_checkpoint(run_a, overrides,
-                                                            tmp_path):
+def test_nan_loss_stops_with_the_step_and_no_bad_checkpoint(
+    run_a, overrides, tmp_path
+):
   state, _ = ckpt_lib.load_state(os.path.join(run_a, 'checkpoints', '2'))
   params = jax.tree_util.tree_map(np.array, state['params'])
   leaf = jax.tree_util.tree_leaves(params)[0]
   leaf.flat[0] = np.nan
   bad = ckpt_lib.save_variables(
       {'params': params, 'batch_stats': state['batch_stats']},
-      str(tmp_path / 'nan_init'))
+      str(tmp_path / 'nan_init'),
+  )
   # The loss is NaN from step 1; it is checked one step late (log_every is
   # large) but before anything is saved (a checkpoint every step).
-  config = make_config(overrides, train__init_from=bad, train__num_steps=3,
-                       train__log_every=100, train__checkpoint_every=1)
+  config = make_config(
+      overrides,
+      train__init_from=bad,
+      train__num_steps=3,
+      train__log_every=100,
+      train__checkpoint_every=1,
+  )
   workdir = str(tmp_path / 'work')
   with pytest.raises(FloatingPointError, match=r'loss is nan at step 1\b'):
     train.train_and_evaluate(config, workdir)
   ckpts = os.path.join(workdir, 'checkpoints')
   for step in (ckpt_steps(workdir) if os.path.isdir(ckpts) else []):
     restored, _ = ckpt_lib.load_state(os.path.join(ckpts, str(step)))
-    assert all(np.isfinite(x).all() for x in
-               jax.tree_util.tree_leaves(restored['params'])), \
-        f'checkpoint {step} holds the diverged state'
+    assert all(
+        np.isfinite(x).all()
+        for x in jax.tree_util.tree_leaves(restored['params'])
+    ), f'checkpoint {step} holds the diverged state'
 
 
 @pytest.mark.parametrize('value', [np.nan, np.inf, -np.inf])
@@ -518,15 +599,28 @@ def test_precomputed_audio_gives_the_same_step(overrides):
   assert len(table) == data_lib.num_examples(dc.dir, dc.setting, 'train')
   assert all(e.shape == (5, 128) for e in table.values())
 
-  batch = next(iter(data_lib.train_dataset(
-      dc.dir, dc.setting, batch_size=4, image_size=dc.image_size, seed=1)))
+  batch = next(
+      iter(
+          data_lib.train_dataset(
+              dc.dir, dc.setting, batch_size=4, image_size=dc.image_size, seed=1
+          )
+      )
+  )
   fast = train.with_audio(batch, table)
   assert 'log_mel' not in fast and fast['audio'].shape == (4, 5, 128)
   optimizer, _ = train.make_optimizer(config.train, 10)
   state = runtime.new_state(runtime.init_variables(config, model), optimizer)
-  step = jax.jit(lambda s, b: train.train_step(
-      s, b, audio_vars, model=model, vggish=vggish, optimizer=optimizer,
-      config=config))
+  step = jax.jit(
+      lambda s, b: train.train_step(
+          s,
+          b,
+          audio_vars,
+          model=model,
+          vggish=vggish,
+          optimizer=optimizer,
+          config=config,
+      )
+  )
   keep = lambda b: {k: v for k, v in b.items() if k in runtime.DEVICE_KEYS}
   s1, m1 = step(state, keep(batch))
   s2, m2 = step(state, keep(fast))
@@ -545,8 +639,11 @@ def test_precomputed_audio_gives_the_same_step(overrides):
 def damage(step_dir, kind):
   """Damages a checkpoint as a crash or a disk might."""
   if kind == 'truncated':
-    files = [os.path.join(d, f) for d, _, fs in os.walk(
-        os.path.join(step_dir, 'state')) for f in fs]
+    files = [
+        os.path.join(d, f)
+        for d, _, fs in os.walk(os.path.join(step_dir, 'state'))
+        for f in fs
+    ]
     big = max(files, key=os.path.getsize)
     with open(big, 'r+b') as f:
       f.truncate(os.path.getsize(big) // 2)
@@ -562,15 +659,18 @@ def copy_run(src, dst, steps):
   """A workdir holding `src`'s checkpoints `steps` and its metrics."""
   os.makedirs(os.path.join(dst, 'checkpoints'))
   for s in steps:
-    shutil.copytree(os.path.join(src, 'checkpoints', str(s)),
-                    os.path.join(dst, 'checkpoints', str(s)))
+    shutil.copytree(
+        os.path.join(src, 'checkpoints', str(s)),
+        os.path.join(dst, 'checkpoints', str(s)),
+    )
   shutil.copy(os.path.join(src, 'metrics.jsonl'), dst)
   return dst
 
 
 @pytest.mark.parametrize('kind', ['truncated', 'no_metadata', 'no_data_state'])
-def test_damaged_latest_checkpoint_is_set_aside(run_a, overrides, tmp_path,
-                                                kind, capfd):
+def test_damaged_latest_checkpoint_is_set_aside(
+    run_a, overrides, tmp_path, kind, capfd
+):
   work = copy_run(run_a, str(tmp_path / 'work'), [2, 4])
   damage(os.path.join(work, 'checkpoints', '4'), kind)
   # --mode=eval names the damaged checkpoint.
@@ -589,11 +689,14 @@ def test_damaged_latest_checkpoint_is_set_aside(run_a, overrides, tmp_path,
   assert 'checkpoint step 4' in err and 'damaged' in err, err
   assert err.count('warning:') == 1
   assert sorted(os.listdir(os.path.join(work, 'checkpoints'))) == [
-      '2', '4.damaged']  # set aside, not deleted
+      '2',
+      '4.damaged',
+  ]  # set aside, not deleted
 
 
-def test_resume_after_damage_ends_like_the_uninterrupted_run(run_a, overrides,
-                                                             tmp_path):
+def test_resume_after_damage_ends_like_the_uninterrupted_run(
+    run_a, overrides, tmp_path
+):
   work = copy_run(run_a, str(tmp_path / 'work'), [2, 4])
   damage(os.path.join(work, 'checkpoints', '4'), 'truncated')
   res = train.train_and_evaluate(make_config(overrides), work)
@@ -614,8 +717,10 @@ def test_diverged_run_keeps_only_finite_checkpoints(overrides, tmp_path):
   ckpts = os.path.join(work, 'checkpoints')
   for step in (ckpt_steps(work) if os.path.isdir(ckpts) else []):
     restored, _ = ckpt_lib.load_state(os.path.join(ckpts, str(step)))
-    assert all(np.isfinite(x).all() for x in
-               jax.tree_util.tree_leaves(restored['params'])), step
+    assert all(
+        np.isfinite(x).all()
+        for x in jax.tree_util.tree_leaves(restored['params'])
+    ), step
   # The same workdir with a sane learning rate resumes and finishes.
   res = train.train_and_evaluate(make_config(overrides), work)
   assert np.isfinite(res['miou'])

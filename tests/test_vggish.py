@@ -1,4 +1,5 @@
 """VGGish network against the reference fixture (golden weights)."""
+
 import os
 
 import jax
@@ -10,8 +11,9 @@ from avs_jax.torch_weights import vggish_torch_to_flax
 from avs_jax.models import build_vggish
 from golden_weights import rebuild_state_dict
 
-GOLDEN = os.path.join(os.path.dirname(__file__), 'data', 'golden',
-                      'vggish_16k.npz')
+GOLDEN = os.path.join(
+    os.path.dirname(__file__), 'data', 'golden', 'vggish_16k.npz'
+)
 
 
 def rel_l2(a, b):
@@ -34,9 +36,11 @@ def test_param_tree_mirrors_state_dict(golden):
     module, leaf = key.rsplit('.', 1)
     shape = w.shape[2:] + w.shape[1::-1] if w.ndim == 4 else w.shape[::-1]
     expected.setdefault(module.replace('.', '_'), {})[
-        'kernel' if leaf == 'weight' else leaf] = shape
-  init = jax.eval_shape(build_vggish().init, jax.random.key(0),
-                        jnp.zeros((1, 96, 64)))
+        'kernel' if leaf == 'weight' else leaf
+    ] = shape
+  init = jax.eval_shape(
+      build_vggish().init, jax.random.key(0), jnp.zeros((1, 96, 64))
+  )
   assert set(init) == {'params'}
   assert jax.tree.map(lambda x: x.shape, init['params']) == expected
 
@@ -69,7 +73,9 @@ def test_pca_postprocess(golden):
   model = build_vggish(postprocess=True)
   init = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 96, 64)))
   assert jax.tree.map(lambda v: v.shape, init['pca']) == {
-      'eigen_vectors': (128, 128), 'means': (128,)}
+      'eigen_vectors': (128, 128),
+      'means': (128,),
+  }
   out = np.asarray(model.apply(variables, x))
   # NumPy re-derivation: PCA on column vectors, clip to [-2, 2], 8-bit levels.
   pca = (eig @ (emb.T - means[:, None])).T

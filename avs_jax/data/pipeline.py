@@ -77,8 +77,10 @@ class _DecodeRows(_Decode):
     self.start, self.size = start, size
 
   def map(self, element):
-    rows = [records.decode(r, self.image_size)
-            for r in element[self.start:self.start + self.size]]
+    rows = [
+        records.decode(r, self.image_size)
+        for r in element[self.start : self.start + self.size]
+    ]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

@@ -426,6 +426,8 @@ class AVSegHead(nn.Module):
 
   @nn.compact
   def __call__(self, feats, audio):
+    # long: the reference head's forward in order (projections, encoder,
+    # query generator, decoder, mixer, mask head), compared stage by stage.
     d, c = self.dtype, self.embed_dim
     proj = lambda x, i: _group_norm(d, f'in_proj_{i}_1')(
         _conv(c, 1, d, f'in_proj_{i}_0')(x)
@@ -529,6 +531,7 @@ class AVSegFormer(nn.Module):
 
   @nn.compact
   def __call__(self, frames, audio, train: bool = False, frame_mask=None):
+    # long: the reference model's forward in order, compared stage by stage.
     b, t, h, w, _ = frames.shape
     if h % 32 or w % 32:
       raise ValueError(f'frame size must be a multiple of 32, got {h}x{w}')

@@ -13,6 +13,7 @@ exactly equal in exact arithmetic:
     over H, W;
   * 'dot' has no softmax, so (theta phi^T) g = theta (phi^T g): linear cost.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,13 +30,15 @@ class ConcatAffinity(nn.Module):
   `[2C', N, K]` concatenation is never built. `q [B, N, C']`, `k [B, K, C']`
   -> `[B, N, K]`.
   """
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, q, k):
     ci = q.shape[-1]
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (1, 1, 2 * ci, 1), jnp.float32)
+    kernel = self.param(
+        'kernel', nn.initializers.lecun_normal(), (1, 1, 2 * ci, 1), jnp.float32
+    )
     bias = self.param('bias', nn.initializers.zeros, (1,), jnp.float32)
     wk = kernel.reshape(2 * ci).astype(self.dtype)
     f = (q @ wk[:ci])[:, :, None] + (k @ wk[ci:])[:, None, :]
@@ -47,6 +50,7 @@ class TPAVI(nn.Module):
 
   `align_bias=False`: `align_channel` without bias (the reference's AVSS).
   """
+
   mode: str = 'dot'
   train: bool = False
   dtype: Dtype = jnp.float32
@@ -54,6 +58,8 @@ class TPAVI(nn.Module):
 
   @nn.compact
   def __call__(self, x, audio=None):
+    # long: the four reference modes and the audio/visual branches in one
+    # place, each checked against a naive [THW, THW] derivation.
     if self.mode not in MODES:
       raise ValueError(f'TPAVI mode must be one of {MODES}, got {self.mode!r}')
     b, t, h, w, c = x.shape
@@ -61,17 +67,26 @@ class TPAVI(nn.Module):
     n = t * h * w
     proj = lambda name, f=ci: Conv1x1(f, 3, self.dtype, name=name)
     # The reference builds these two in its constructor whatever the input.
-    align = nn.Dense(c, use_bias=self.align_bias, dtype=self.dtype,
-                     param_dtype=jnp.float32, name='align_channel')
-    norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
-                        param_dtype=jnp.float32, name='norm_layer')
+    align = nn.Dense(
+        c,
+        use_bias=self.align_bias,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name='align_channel',
+    )
+    norm = nn.LayerNorm(
+        epsilon=1e-5,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name='norm_layer',
+    )
 
     a_fea = None
     g = proj('g')(x).reshape(b, n, ci)
     if audio is not None:
-      a_fea = align(audio.astype(self.dtype))            # [B, T, C]
-      key_in = a_fea                                     # [B, T, C]
-      values = g.reshape(b, t, h * w, ci).sum(2)         # [B, T, C']
+      a_fea = align(audio.astype(self.dtype))  # [B, T, C]
+      key_in = a_fea  # [B, T, C]
+      values = g.reshape(b, t, h * w, ci).sum(2)  # [B, T, C']
       multiplicity = h * w
     else:
       if self.is_initializing():
@@ -102,6 +117,10 @@ class TPAVI(nn.Module):
     y = y.reshape(b, t, h, w, ci)
     w_y = Conv1x1(c, 3, self.dtype, name='W_z_0')(y)
     # Zero-initialised as in the reference: a new block is LayerNorm(x).
-    w_y = BatchNorm(not self.train, dtype=self.dtype,
-                    scale_init=nn.initializers.zeros, name='W_z_1')(w_y)
+    w_y = BatchNorm(
+        not self.train,
+        dtype=self.dtype,
+        scale_init=nn.initializers.zeros,
+        name='W_z_1',
+    )(w_y)
     return norm(w_y + x), a_fea

@@ -5,6 +5,7 @@ Submodule names mirror the PyTorch state_dict (`features.3.weight` ->
 PCA/quantisation post-processing reads the non-trainable collection
 `'pca'`: `eigen_vectors [128, 128]`, `means [128]`.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -13,8 +14,14 @@ import jax.numpy as jnp
 Dtype = Any
 
 # (torch index in `features`, channels); a 2x2 max-pool follows the marked ones.
-_CONVS = ((0, 64, True), (3, 128, True), (6, 256, False), (8, 256, True),
-          (11, 512, False), (13, 512, True))
+_CONVS = (
+    (0, 64, True),
+    (3, 128, True),
+    (6, 256, False),
+    (8, 256, True),
+    (11, 512, False),
+    (13, 512, True),
+)
 QUANTIZE_MIN, QUANTIZE_MAX = -2.0, 2.0
 
 
@@ -25,6 +32,7 @@ class VGGish(nn.Module):
   with it, `round((clip(E (x - mean), -2, 2) + 2) * 255 / 4)` in [0, 255].
   `dtype` is the compute dtype; parameters stay float32.
   """
+
   postprocess: bool = False
   dtype: Dtype = jnp.float32
 
@@ -33,8 +41,9 @@ class VGGish(nn.Module):
     batch_shape = x.shape[:-2]
     x = jnp.asarray(x, self.dtype).reshape((-1,) + x.shape[-2:] + (1,))
     for idx, ch, pool in _CONVS:
-      x = nn.Conv(ch, (3, 3), padding=1, dtype=self.dtype,
-                  name=f'features_{idx}')(x)
+      x = nn.Conv(
+          ch, (3, 3), padding=1, dtype=self.dtype, name=f'features_{idx}'
+      )(x)
       x = nn.relu(x)
       if pool:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
