@@ -132,7 +132,9 @@ def load_config():
   """`FLAGS.config`, or a ConfigError naming the file or the override."""
   path = config_flags.get_config_filename(FLAGS['config'])
   try:
-    return FLAGS.config
+    config = FLAGS.config
+    config.get('seed')  # a config that failed to load raises here
+    return config
   except AttributeError as e:  # an override of a field that does not exist
     key = str(e).strip('"\'')
     given = [
@@ -206,15 +208,11 @@ def main(argv):
     except ValueError as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
-  name = os.path.splitext(
-      os.path.basename(config_flags.get_config_filename(FLAGS['config']))
-  )[0]
   try:
-    run(
-        load_config(),
-        FLAGS.workdir or os.path.join('workdirs', name),
-        FLAGS.mode,
-    )
+    config = load_config()
+    name = os.path.basename(config_flags.get_config_filename(FLAGS['config']))
+    workdir = FLAGS.workdir or os.path.join('workdirs', name.split('.')[0])
+    run(config, workdir, FLAGS.mode)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -231,5 +229,24 @@ def main(argv):
     sys.exit(3)
 
 
+def parse_flags(argv):
+  """absl's flag parsing; a config override of a missing field is one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # `--config.a.b=v`, no field a.b
+    key = str(e).split("'")[1] if "'" in str(e) else str(e)
+    given = [
+        a.split('=')[0]
+        for a in argv[1:]
+        if a.startswith('--config.') and key in a.split('=')[0]
+    ]
+    print(
+        f'error: {" ".join(given) or key}: no such config field (the fields '
+        'are in configs/common.py)',
+        file=sys.stderr,
+    )
+    sys.exit(1)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
