@@ -146,7 +146,7 @@ def launched(overrides, jax_cache, tmp_path_factory):
   a = str(base / 'A')
   d4 = str(base / 'devices4')
   os.makedirs(d4)
-  procs = {
+  running = {
       'A': run_py(a, overrides, str(base / 'A.log'), jax_cache),
       'D4': procs.Proc(
           [
@@ -161,8 +161,8 @@ def launched(overrides, jax_cache, tmp_path_factory):
           procs.env(jax_cache, devices=4),
       ),
   }
-  yield dict(base=base, A=a, D4=d4, procs=procs)
-  for p in procs.values():
+  yield dict(base=base, A=a, D4=d4, procs=running)
+  for p in running.values():
     if p.popen.poll() is None:
       p.popen.kill()
       p.popen.wait()
