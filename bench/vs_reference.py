@@ -32,6 +32,7 @@ Threads: `--cores N` pins the process to its first N allowed cores before
 JAX starts (XLA:CPU sizes its thread pool from them) and sets torch's
 intra-op threads to N (inter-op 1).
 """
+
 import argparse
 import ast
 import importlib.util
@@ -53,29 +54,54 @@ FRAMES = 5  # the reference's clip length (hard-coded there)
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--reference', default='',
-                 help='avs_scripts/avs_ms3 of OpenNLPLab/AVSBench; empty: '
-                      'time the JAX step only')
-  p.add_argument('--reference_path', default='',
-                 help='extra sys.path entries (os.pathsep-separated) with '
-                      'timm and easydict for the reference')
+  p.add_argument(
+      '--reference',
+      default='',
+      help='avs_scripts/avs_ms3 of OpenNLPLab/AVSBench; empty: '
+      'time the JAX step only',
+  )
+  p.add_argument(
+      '--reference_path',
+      default='',
+      help='extra sys.path entries (os.pathsep-separated) with '
+      'timm and easydict for the reference',
+  )
   p.add_argument('--config', default='configs/ms3.py')
   p.add_argument('--backbone', default='resnet50')
   p.add_argument('--image_size', type=int, default=160)
   p.add_argument('--batch', type=int, default=1, help='clips per step')
   p.add_argument('--alternations', type=int, default=5)
-  p.add_argument('--warmup', type=int, default=1,
-                 help='untimed steps of each before the alternation')
-  p.add_argument('--cores', type=int, default=2,
-                 help='pin to this many cores; torch threads = this')
-  p.add_argument('--flush_denormal', action='store_true',
-                 help='torch.set_flush_denormal(True) for the reference '
-                      '(XLA:CPU flushes denormals; torch does not by default)')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config override, e.g. model.channels=16')
-  p.add_argument('--profile', default='',
-                 help='directory: a JAX trace of one step and the PyTorch '
-                      "profiler's op table of one step")
+  p.add_argument(
+      '--warmup',
+      type=int,
+      default=1,
+      help='untimed steps of each before the alternation',
+  )
+  p.add_argument(
+      '--cores',
+      type=int,
+      default=2,
+      help='pin to this many cores; torch threads = this',
+  )
+  p.add_argument(
+      '--flush_denormal',
+      action='store_true',
+      help='torch.set_flush_denormal(True) for the reference '
+      '(XLA:CPU flushes denormals; torch does not by default)',
+  )
+  p.add_argument(
+      '--set',
+      action='append',
+      default=[],
+      metavar='KEY=VALUE',
+      help='config override, e.g. model.channels=16',
+  )
+  p.add_argument(
+      '--profile',
+      default='',
+      help='directory: a JAX trace of one step and the PyTorch '
+      "profiler's op table of one step",
+  )
   p.add_argument('--json', default='', help='write the figures here')
   return p.parse_args(argv)
 
@@ -128,8 +154,11 @@ def golden_tensor(key, shape):
 
 
 def golden_state_dict(shapes):
-  return {k: golden_tensor(k, s) for k, s in shapes.items()
-          if not k.endswith('num_batches_tracked')}
+  return {
+      k: golden_tensor(k, s)
+      for k, s in shapes.items()
+      if not k.endswith('num_batches_tracked')
+  }
 
 
 def host_inputs(seed, batch, h, w):
@@ -168,15 +197,21 @@ class _Stub(types.ModuleType):
 def import_reference(path, extra_path):
   """The reference's modules: (torch, model modules, loss, vggish, cfg)."""
   if not os.path.isfile(os.path.join(path, 'model', 'PVT_AVSModel.py')):
-    raise SystemExit(f'--reference={path}: no model/PVT_AVSModel.py there '
-                     '(want the folder avs_scripts/avs_ms3 of AVSBench)')
+    raise SystemExit(
+        f'--reference={path}: no model/PVT_AVSModel.py there '
+        '(want the folder avs_scripts/avs_ms3 of AVSBench)'
+    )
   for p in reversed([p for p in extra_path.split(os.pathsep) if p]):
     sys.path.insert(0, p)
   import torch  # pylint: disable=g-import-not-at-top
-  for name, subs in (('torchvision', ('models', 'transforms',
-                                      'transforms.functional', 'ops',
-                                      'ops.misc')),
-                     ('resampy', ())):
+
+  for name, subs in (
+      (
+          'torchvision',
+          ('models', 'transforms', 'transforms.functional', 'ops', 'ops.misc'),
+      ),
+      ('resampy', ()),
+  ):
     try:
       __import__(name)
     except (ImportError, OSError, RuntimeError):
@@ -191,12 +226,19 @@ def import_reference(path, extra_path):
     import loss as ref_loss  # pylint: disable=g-import-not-at-top
     from torchvggish import vggish  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise SystemExit(f'--reference={path}: importing it failed ({e}); put '
-                     'timm==0.4.12 and easydict on --reference_path') from e
+    raise SystemExit(
+        f'--reference={path}: importing it failed ({e}); put '
+        'timm==0.4.12 and easydict on --reference_path'
+    ) from e
   finally:
     sys.path.remove(path)
-  return torch, {'resnet50': ResNet_AVSModel, 'pvt_v2_b5': PVT_AVSModel}, \
-      ref_loss, vggish, cfg
+  return (
+      torch,
+      {'resnet50': ResNet_AVSModel, 'pvt_v2_b5': PVT_AVSModel},
+      ref_loss,
+      vggish,
+      cfg,
+  )
 
 
 class Reference:
@@ -204,10 +246,13 @@ class Reference:
 
   def __init__(self, args, config, host):
     torch, models, ref_loss, vggish, cfg = import_reference(
-        args.reference, args.reference_path)
+        args.reference, args.reference_path
+    )
     if config.model.backbone not in models:
-      raise SystemExit(f'the reference has no backbone '
-                       f'{config.model.backbone!r} (resnet50, pvt_v2_b5)')
+      raise SystemExit(
+          f'the reference has no backbone '
+          f'{config.model.backbone!r} (resnet50, pvt_v2_b5)'
+      )
     torch.set_num_threads(args.cores)
     try:
       torch.set_num_interop_threads(1)
@@ -222,13 +267,18 @@ class Reference:
     mod.Pred_endecoder.initialize_pvt_weights = lambda self: None
     mc = config.model
     self.model = mod.Pred_endecoder(
-        channel=mc.channels, config=cfg, tpavi_stages=list(mc.tpavi_stages),
-        tpavi_vv_flag=mc.tpavi_vv, tpavi_va_flag=mc.tpavi_va)
+        channel=mc.channels,
+        config=cfg,
+        tpavi_stages=list(mc.tpavi_stages),
+        tpavi_vv_flag=mc.tpavi_vv,
+        tpavi_va_flag=mc.tpavi_va,
+    )
     shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
     self.state_dict = golden_state_dict(shapes)
     self.model.load_state_dict(
         {k: torch.from_numpy(v) for k, v in self.state_dict.items()},
-        strict=False)
+        strict=False,
+    )
     self.model.train()
     cfg.TRAIN.FREEZE_AUDIO_EXTRACTOR = False  # no AudioSet file: golden weights
     cfg.TRAIN.POSTPROCESS_LOG_MEL_WITH_PCA = False
@@ -236,21 +286,28 @@ class Reference:
     vshapes = {k: tuple(v.shape) for k, v in self.vggish.state_dict().items()}
     self.vggish_state_dict = golden_state_dict(vshapes)
     self.vggish.load_state_dict(
-        {k: torch.from_numpy(v) for k, v in self.vggish_state_dict.items()})
+        {k: torch.from_numpy(v) for k, v in self.vggish_state_dict.items()}
+    )
     self.vggish.eval()
     self.optimizer = torch.optim.Adam(self.model.parameters(), config.train.lr)
     lc = config.loss
     self.loss_kw = dict(
-        sa_loss_flag=lc.avm_weight > 0, lambda_1=lc.avm_weight,
-        count_stages=list(lc.avm_stages), mask_pooling_type=lc.avm_pooling,
-        threshold=lc.avm_threshold, norm_fea=lc.avm_norm,
-        closer_flag=lc.avm_closer, euclidean_flag=lc.avm_loss == 'euclidean',
-        kl_flag=lc.avm_loss == 'kl')
+        sa_loss_flag=lc.avm_weight > 0,
+        lambda_1=lc.avm_weight,
+        count_stages=list(lc.avm_stages),
+        mask_pooling_type=lc.avm_pooling,
+        threshold=lc.avm_threshold,
+        norm_fea=lc.avm_norm,
+        closer_flag=lc.avm_closer,
+        euclidean_flag=lc.avm_loss == 'euclidean',
+        kl_flag=lc.avm_loss == 'kl',
+    )
     self.loss_fn = ref_loss.IouSemanticAwareLoss
     b, t, h, w, _ = host['frames'].shape
     nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x))
-    self.frames = nchw(host['frames'].reshape(b * t, h, w, 3)
-                       .transpose(0, 3, 1, 2))
+    self.frames = nchw(
+        host['frames'].reshape(b * t, h, w, 3).transpose(0, 3, 1, 2)
+    )
     self.log_mel = nchw(host['log_mel'].reshape(b * t, 1, 96, 64))
     self.masks = nchw(host['masks'].reshape(b * t, 1, h, w))
 
@@ -267,10 +324,12 @@ class Reference:
 
   def profile(self, out_dir):
     from torch.profiler import profile, ProfilerActivity  # pylint: disable=g-import-not-at-top
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
       self.step()
-    table = prof.key_averages().table(sort_by='self_cpu_time_total',
-                                      row_limit=40)
+    table = prof.key_averages().table(
+        sort_by='self_cpu_time_total', row_limit=40
+    )
     path = os.path.join(out_dir, 'torch_ops.txt')
     with open(path, 'w') as f:
       f.write(table)
@@ -292,8 +351,10 @@ class JaxStep:
     import jax.numpy as jnp
     from avs_jax import train
     from avs_jax.models import build_model, build_vggish
+
     try:
       from avs_jax import runtime
+
       state_cls = runtime.TrainState
     except ImportError:
       runtime, state_cls = None, train.TrainState
@@ -312,22 +373,36 @@ class JaxStep:
       variables = tw.torch_to_flax(sd, config.model)
       audio_vars = tw.vggish_torch_to_flax(vsd)
     else:
-      variables = jax.jit(lambda: model.init(
-          jax.random.key(config.seed), jnp.zeros((1, 1, h, w, 3)),
-          jnp.zeros((1, 1, 128))))()
+      variables = jax.jit(
+          lambda: model.init(
+              jax.random.key(config.seed),
+              jnp.zeros((1, 1, h, w, 3)),
+              jnp.zeros((1, 1, 128)),
+          )
+      )()
       audio_vars = vggish.init(jax.random.key(12345), jnp.zeros((1, 96, 64)))
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
     self.audio_vars = jax.tree_util.tree_map(jnp.asarray, audio_vars)
-    self.state = state_cls(step=jnp.zeros((), jnp.int32),
-                           params=variables['params'],
-                           batch_stats=variables['batch_stats'],
-                           opt_state=optimizer.init(variables['params']))
+    self.state = state_cls(
+        step=jnp.zeros((), jnp.int32),
+        params=variables['params'],
+        batch_stats=variables['batch_stats'],
+        opt_state=optimizer.init(variables['params']),
+    )
     self.batch = {k: jnp.asarray(v) for k, v in host.items()}
-    step = functools.partial(train.train_step, model=model, vggish=vggish,
-                             optimizer=optimizer, config=config)
+    step = functools.partial(
+        train.train_step,
+        model=model,
+        vggish=vggish,
+        optimizer=optimizer,
+        config=config,
+    )
     t0 = time.perf_counter()
-    self.fn = jax.jit(step, donate_argnums=(0,)).lower(
-        self.state, self.batch, self.audio_vars).compile()
+    self.fn = (
+        jax.jit(step, donate_argnums=(0,))
+        .lower(self.state, self.batch, self.audio_vars)
+        .compile()
+    )
     self.compile_s = time.perf_counter() - t0
     del runtime
 
@@ -350,7 +425,7 @@ def timed(fn):
 
 def main(argv=None):
   args = parse_args(argv)
-  cores = sorted(os.sched_getaffinity(0))[:args.cores]
+  cores = sorted(os.sched_getaffinity(0))[: args.cores]
   os.sched_setaffinity(0, cores)  # before JAX and torch start their threads
   set_xla_flags()
   # pylint: disable=g-import-not-at-top
@@ -363,13 +438,17 @@ def main(argv=None):
   if config.data.setting != 'ms3':
     raise SystemExit(f'{args.config}: the reference step timed here is MS3')
   host = host_inputs(0, args.batch, args.image_size, args.image_size)
-  print(f'cores {cores}; torch threads {args.cores} (flush denormals: '
-        f'{args.flush_denormal}); jax {jax.__version__} '
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print(f'step: {config.model.backbone}, {args.batch} clip(s) x {FRAMES} '
-        f'frames at {args.image_size}x{args.image_size}, float32, MS3 '
-        f'(BCE + {config.loss.avm_weight} AVM-{config.loss.avm_loss}), Adam '
-        f'lr {config.train.lr}, VGGish in the step')
+  print(
+      f'cores {cores}; torch threads {args.cores} (flush denormals: '
+      f'{args.flush_denormal}); jax {jax.__version__} '
+      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
+  print(
+      f'step: {config.model.backbone}, {args.batch} clip(s) x {FRAMES} '
+      f'frames at {args.image_size}x{args.image_size}, float32, MS3 '
+      f'(BCE + {config.loss.avm_weight} AVM-{config.loss.avm_loss}), Adam '
+      f'lr {config.train.lr}, VGGish in the step'
+  )
 
   ref = Reference(args, config, host) if args.reference else None
   weights = (ref.state_dict, ref.vggish_state_dict) if ref else None
@@ -384,45 +463,65 @@ def main(argv=None):
     if ref:
       first.setdefault('reference', ref.step())
   if first:
-    print('first-step loss: ' + ', '.join(f'{k} {v:.6f}'
-                                          for k, v in first.items()))
+    print(
+        'first-step loss: '
+        + ', '.join(f'{k} {v:.6f}' for k, v in first.items())
+    )
   rows = {'jax': [], 'reference': []}
   for i in range(args.alternations):
     rows['jax'].append(timed(js.step))
     if ref:
       rows['reference'].append(timed(ref.step))
-    line = f'alternation {i + 1}: jax {rows["jax"][-1][0]:.2f} s ' \
-           f'({rows["jax"][-1][1]:.2f} CPU-s)'
+    line = (
+        f'alternation {i + 1}: jax {rows["jax"][-1][0]:.2f} s '
+        f'({rows["jax"][-1][1]:.2f} CPU-s)'
+    )
     if ref:
-      line += (f', reference {rows["reference"][-1][0]:.2f} s '
-               f'({rows["reference"][-1][1]:.2f} CPU-s), ratio '
-               f'{rows["jax"][-1][0] / rows["reference"][-1][0]:.2f}')
+      line += (
+          f', reference {rows["reference"][-1][0]:.2f} s '
+          f'({rows["reference"][-1][1]:.2f} CPU-s), ratio '
+          f'{rows["jax"][-1][0] / rows["reference"][-1][0]:.2f}'
+      )
     print(line, flush=True)
   if args.profile:
     js.profile(args.profile)
     if ref:
       ref.profile(args.profile)
 
-  res = {'backbone': config.model.backbone, 'image_size': args.image_size,
-         'batch': args.batch, 'frames': FRAMES, 'cores': cores,
-         'torch_flush_denormal': args.flush_denormal,
-         'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-         'compile_s': js.compile_s, 'first_loss': first,
-         'load_avg': os.getloadavg()}
+  res = {
+      'backbone': config.model.backbone,
+      'image_size': args.image_size,
+      'batch': args.batch,
+      'frames': FRAMES,
+      'cores': cores,
+      'torch_flush_denormal': args.flush_denormal,
+      'jax': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'compile_s': js.compile_s,
+      'first_loss': first,
+      'load_avg': os.getloadavg(),
+  }
   for k, rs in rows.items():
     if rs:
-      res[k] = {'wall_s': [r[0] for r in rs], 'cpu_s': [r[1] for r in rs],
-                'median_wall_s': statistics.median(r[0] for r in rs),
-                'median_cpu_s': statistics.median(r[1] for r in rs)}
+      res[k] = {
+          'wall_s': [r[0] for r in rs],
+          'cpu_s': [r[1] for r in rs],
+          'median_wall_s': statistics.median(r[0] for r in rs),
+          'median_cpu_s': statistics.median(r[1] for r in rs),
+      }
   summary = f'median step: jax {res["jax"]["median_wall_s"]:.2f} s'
   if ref:
-    res['ratios'], res['median_ratio'] = ratios(res['jax']['wall_s'],
-                                                res['reference']['wall_s'])
-    _, res['median_cpu_ratio'] = ratios(res['jax']['cpu_s'],
-                                        res['reference']['cpu_s'])
-    summary += (f', reference {res["reference"]["median_wall_s"]:.2f} s; '
-                f'ratio jax/reference: median {res["median_ratio"]:.2f} '
-                f'(wall), {res["median_cpu_ratio"]:.2f} (CPU-s)')
+    res['ratios'], res['median_ratio'] = ratios(
+        res['jax']['wall_s'], res['reference']['wall_s']
+    )
+    _, res['median_cpu_ratio'] = ratios(
+        res['jax']['cpu_s'], res['reference']['cpu_s']
+    )
+    summary += (
+        f', reference {res["reference"]["median_wall_s"]:.2f} s; '
+        f'ratio jax/reference: median {res["median_ratio"]:.2f} '
+        f'(wall), {res["median_cpu_ratio"]:.2f} (CPU-s)'
+    )
   print(summary)
   print('load average (1, 5, 15 min): %.2f %.2f %.2f' % res['load_avg'])
   if args.json:

@@ -1,5 +1,6 @@
 """bench/vs_reference.py without the reference: the JAX side, the weights
 recipe it shares with the golden fixtures, the ratio, and bad input."""
+
 import json
 import os
 import subprocess
@@ -19,19 +20,28 @@ def run_bench(*args):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   return subprocess.run(
       [sys.executable, os.path.join(REPO, 'bench', 'vs_reference.py'), *args],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
-@pytest.mark.parametrize('key,shape', [
-    ('resnet.conv1.weight', (8, 3, 7, 7)),
-    ('resnet.bn1.running_var', (8,)),
-    ('resnet.bn1.running_mean', (8,)),
-    ('path1.resConfUnit1.conv1.bias', (4,)),
-    ('encoder_backbone.norm1.weight', (6,)),
-])
+@pytest.mark.parametrize(
+    'key,shape',
+    [
+        ('resnet.conv1.weight', (8, 3, 7, 7)),
+        ('resnet.bn1.running_var', (8,)),
+        ('resnet.bn1.running_mean', (8,)),
+        ('path1.resConfUnit1.conv1.bias', (4,)),
+        ('encoder_backbone.norm1.weight', (6,)),
+    ],
+)
 def test_weights_are_the_golden_recipe(key, shape):
-  np.testing.assert_array_equal(vs_reference.golden_tensor(key, shape),
-                                rebuild_tensor(key, shape))
+  np.testing.assert_array_equal(
+      vs_reference.golden_tensor(key, shape), rebuild_tensor(key, shape)
+  )
 
 
 def test_ratios_median():
@@ -42,9 +52,22 @@ def test_ratios_median():
 def test_jax_only_run(tmp_path):
   """No --reference: times the JAX step alone and writes its figures."""
   out = tmp_path / 'r.json'
-  p = run_bench('--backbone', 'resnet_tiny', '--image_size', '32',
-                '--set', 'model.channels=16', '--set', 'model.head_channels=8',
-                '--alternations', '2', '--cores', '1', '--json', str(out))
+  p = run_bench(
+      '--backbone',
+      'resnet_tiny',
+      '--image_size',
+      '32',
+      '--set',
+      'model.channels=16',
+      '--set',
+      'model.head_channels=8',
+      '--alternations',
+      '2',
+      '--cores',
+      '1',
+      '--json',
+      str(out),
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert 'median step: jax' in p.stdout, p.stdout
   res = json.loads(out.read_text())
@@ -56,8 +79,14 @@ def test_jax_only_run(tmp_path):
 
 
 def test_bad_reference_path_is_one_clear_error(tmp_path):
-  p = run_bench('--backbone', 'resnet50', '--reference', str(tmp_path),
-                '--alternations', '1')
+  p = run_bench(
+      '--backbone',
+      'resnet50',
+      '--reference',
+      str(tmp_path),
+      '--alternations',
+      '1',
+  )
   assert p.returncode != 0
   assert str(tmp_path) in p.stderr and 'avs_ms3' in p.stderr, p.stderr[-2000:]
   assert 'Traceback' not in p.stderr

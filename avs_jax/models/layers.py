@@ -3,6 +3,7 @@
 Everything is NHWC. Parameter names mirror the PyTorch modules they replace,
 so that `avs_jax.convert` can map checkpoints by name.
 """
+
 import functools
 from typing import Any, Sequence
 
@@ -81,6 +82,7 @@ class BatchNorm(nn.Module):
   Statistics are reduced over every axis but the last, in at least float32
   (`batch_norm_train`).
   """
+
   use_running_average: bool = True
   momentum: float = 0.1
   epsilon: float = 1e-5
@@ -99,8 +101,9 @@ class BatchNorm(nn.Module):
       mul = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
       y = x.astype(f32) * mul + (bias - ra_mean.value * mul)
       return y.astype(self.dtype)
-    y, mean, var = batch_norm_train(x.astype(f32), scale.astype(f32),
-                                    bias.astype(f32), self.epsilon)
+    y, mean, var = batch_norm_train(
+        x.astype(f32), scale.astype(f32), bias.astype(f32), self.epsilon
+    )
     if not self.is_initializing():
       n = x.size // c
       unbiased = var * (n / max(n - 1, 1))
@@ -116,6 +119,7 @@ class Conv1x1(nn.Module):
   The kernel keeps the PyTorch conv rank (`[1]*ndim + [I, O]`) so checkpoints
   convert by name; the computation is an einsum, which XLA maps to a GEMM.
   """
+
   features: int
   spatial_dims: int = 3
   dtype: Dtype = jnp.float32
@@ -123,24 +127,43 @@ class Conv1x1(nn.Module):
   @nn.compact
   def __call__(self, x):
     shape = (1,) * self.spatial_dims + (x.shape[-1], self.features)
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), shape,
-                        jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,),
-                      jnp.float32)
+    kernel = self.param(
+        'kernel', nn.initializers.lecun_normal(), shape, jnp.float32
+    )
+    bias = self.param(
+        'bias', nn.initializers.zeros, (self.features,), jnp.float32
+    )
     kernel = kernel.reshape(shape[-2:]).astype(self.dtype)
     y = jnp.einsum('...i,io->...o', x.astype(self.dtype), kernel)
     return y + bias.astype(self.dtype)
 
 
-def conv(features, kernel, stride=1, padding=0, dilation=1, use_bias=True,
-         groups=1, dtype=jnp.float32, name=None,
-         kernel_init=nn.initializers.lecun_normal()):
+def conv(
+    features,
+    kernel,
+    stride=1,
+    padding=0,
+    dilation=1,
+    use_bias=True,
+    groups=1,
+    dtype=jnp.float32,
+    name=None,
+    kernel_init=nn.initializers.lecun_normal(),
+):
   """`nn.Conv` configured like `torch.nn.Conv2d` (symmetric explicit padding)."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=[(padding, padding)] * 2,
-                 kernel_dilation=(dilation, dilation), use_bias=use_bias,
-                 feature_group_count=groups, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=[(padding, padding)] * 2,
+      kernel_dilation=(dilation, dilation),
+      use_bias=use_bias,
+      feature_group_count=groups,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=kernel_init,
+      name=name,
+  )
 
 
 def _interp_matrix(n_in, n_out, align_corners):
@@ -180,6 +203,7 @@ def upsample2x(x, align_corners: bool):
 
 class DropPath(nn.Module):
   """Stochastic depth per sample (timm's DropPath); rng stream 'dropout'."""
+
   rate: float
   deterministic: bool = True
 

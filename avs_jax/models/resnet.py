@@ -4,6 +4,7 @@ The reference builds two branches after `layer2` and uses only the first
 (`layer3_1`, `layer4_1`); the unused `layer3_2`/`layer4_2` are not built here
 (the converter drops them from checkpoints and refills them on the way back).
 """
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -12,6 +13,7 @@ from avs_jax.models.layers import BatchNorm, Dtype, conv
 
 class Bottleneck(nn.Module):
   """torchvision Bottleneck v1 (stride on the 3x3 conv)."""
+
   planes: int
   stride: int = 1
   downsample: bool = False
@@ -23,15 +25,29 @@ class Bottleneck(nn.Module):
     bn = lambda name: BatchNorm(not self.train, dtype=self.dtype, name=name)
     y = conv(self.planes, 1, use_bias=False, dtype=self.dtype, name='conv1')(x)
     y = nn.relu(bn('bn1')(y))
-    y = conv(self.planes, 3, self.stride, 1, use_bias=False, dtype=self.dtype,
-             name='conv2')(y)
+    y = conv(
+        self.planes,
+        3,
+        self.stride,
+        1,
+        use_bias=False,
+        dtype=self.dtype,
+        name='conv2',
+    )(y)
     y = nn.relu(bn('bn2')(y))
-    y = conv(self.planes * 4, 1, use_bias=False, dtype=self.dtype,
-             name='conv3')(y)
+    y = conv(
+        self.planes * 4, 1, use_bias=False, dtype=self.dtype, name='conv3'
+    )(y)
     y = bn('bn3')(y)
     if self.downsample:
-      x = conv(self.planes * 4, 1, self.stride, use_bias=False,
-               dtype=self.dtype, name='downsample_0')(x)
+      x = conv(
+          self.planes * 4,
+          1,
+          self.stride,
+          use_bias=False,
+          dtype=self.dtype,
+          name='downsample_0',
+      )(x)
       x = bn('downsample_1')(x)
     return nn.relu(y + x)
 
@@ -49,6 +65,7 @@ class ResNet(nn.Module):
 
   w is the stem width (64 for ResNet-50: 256 ... 2048 channels).
   """
+
   blocks: tuple = SPECS['resnet50'][0]
   width: int = SPECS['resnet50'][1]
   train: bool = False
@@ -63,10 +80,18 @@ class ResNet(nn.Module):
     feats = []
     for name, planes, blocks, stride in zip(
         ('layer1', 'layer2', 'layer3_1', 'layer4_1'),
-        (w, 2 * w, 4 * w, 8 * w), self.blocks, (1, 2, 2, 2)):
+        (w, 2 * w, 4 * w, 8 * w),
+        self.blocks,
+        (1, 2, 2, 2),
+    ):
       for i in range(blocks):
-        x = Bottleneck(planes, stride if i == 0 else 1, downsample=i == 0,
-                       train=self.train, dtype=self.dtype,
-                       name=f'{name}_{i}')(x)
+        x = Bottleneck(
+            planes,
+            stride if i == 0 else 1,
+            downsample=i == 0,
+            train=self.train,
+            dtype=self.dtype,
+            name=f'{name}_{i}',
+        )(x)
       feats.append(x)
     return feats
