@@ -1,9 +1,13 @@
-r"""Prepare AVSBench for TPU input pipelines: AVSBench-object -> TFDS TFRecords.
+r"""Prepare AVSBench for TPU input pipelines: AVSBench -> TFDS TFRecords.
 
   python -m data_prep.avsbench --root ROOT --setting ms3 --out OUT
+  python -m data_prep.avsbench --root SEMANTIC_ROOT --setting avss --out OUT
 
 ROOT is the AVSBench-object folder (holding `Single-source/` and
-`Multi-sources/`, see `data_prep/layout.py`). Writes a standard TFDS dataset
+`Multi-sources/`, see `data_prep/layout.py`); for `avss` it is the
+AVSBench-semantic folder (`metadata.csv`, `label2idx.json`, `v1s/`, `v1m/`,
+`v2/`, see `data_prep/avss.py`; the class names go to `class_names.json`
+beside the shards). Writes a standard TFDS dataset
 to `OUT/avs_bench/{setting}/1.0.0/`: `avs_bench-{split}.tfrecord-NNNNN-of-MMMMM`
 shards, `dataset_info.json` (split and shard sizes) and `features.json`, so it
 also loads with `tfds.builder_from_directory` or `tfds.load('avs_bench/ms3',
@@ -32,6 +36,7 @@ import sys
 import tqdm
 
 from avs_jax.data import records
+from data_prep import avss
 from data_prep import layout
 
 
@@ -49,12 +54,13 @@ def plan_shards(clips, clips_per_shard):
 
 def _load(clip):
   """(record or None, error dict or None); never raises."""
+  is_avss = isinstance(clip, avss.Clip)
   try:
-    return layout.load_clip(clip), None
+    return (avss.load_example if is_avss else layout.load_clip)(clip), None
   except layout.ClipError as e:
     file, reason = e.file, e.reason
   except Exception as e:  # pylint: disable=broad-except
-    file = os.path.dirname(clip.frames[0])  # the clip's folder
+    file = clip.folder if is_avss else os.path.dirname(clip.frames[0])
     reason = f'unexpected error: {type(e).__name__}: {e}'
   return None, dict(split=clip.split, id=clip.id, file=file, reason=reason)
 
@@ -102,13 +108,13 @@ def _tfds():
 
 
 @functools.cache
-def _features():
-  return _tfds()[2].features()
+def _features(setting):
+  return _tfds()[2].features(setting)
 
 
 def _write_shard(out, setting, filename, clips, examples, errors):
   """Writes one shard atomically, then its state; returns the state."""
-  tf, features = _tfds()[0], _features()
+  tf, features = _tfds()[0], _features(setting)
   path = os.path.join(records.version_dir(out, setting), filename)
   with tf.io.TFRecordWriter(path + '.tmp') as writer:
     for example in examples:
@@ -211,21 +217,35 @@ def _write_shards(out, setting, todo, workers, bar):
   return states
 
 
+def _read_clips(root, setting):
+  """(clips, problems, class names or None) of a setting's layout."""
+  if setting == 'avss':
+    names = avss.read_class_names(root)
+    clips, problems = avss.read_clips(root)
+    csv_file = os.path.join(root, 'metadata.csv')
+  else:
+    names = None
+    clips, problems = layout.read_clips(root, setting)
+    csv_file = layout.csv_path(root, setting)
+  if not clips:
+    first = f' ({problems[0]["reason"]}, ...)' if problems else ''
+    raise layout.LayoutError(f'{csv_file} lists no train/val/test clip{first}')
+  return clips, problems, names
+
+
 def prepare(root, setting, out, *, workers=None, clips_per_shard=64):
   """Writes the TFDS dataset of `setting`; returns (errors, {split: count}).
 
   errors: a dict (split, id, file, reason) per CSV row or clip left out.
   Raises layout.LayoutError for a wrong root, CSV or setting.
   """
-  clips, problems = layout.read_clips(root, setting)
-  if not clips:
-    first = f' ({problems[0]["reason"]}, ...)' if problems else ''
-    raise layout.LayoutError(
-        f'{layout.csv_path(root, setting)} lists no train/val/test clip{first}'
-    )
+  clips, problems, names = _read_clips(root, setting)
   plan = plan_shards(clips, clips_per_shard)
   directory = records.version_dir(out, setting)
   os.makedirs(directory, exist_ok=True)
+  if names is not None:
+    with open(os.path.join(directory, records.CLASS_NAMES), 'w') as f:
+      json.dump(names, f)
   os.makedirs(os.path.join(out, '.prepare', setting), exist_ok=True)
   shards = [
       (split, i, records.shard_filename(split, i, len(group)), shard)
@@ -282,7 +302,8 @@ def _parser():
       '--setting',
       required=True,
       choices=records.SETTINGS,
-      help='s4 (Single-source) or ms3 (Multi-sources)',
+      help='s4 (Single-source), ms3 (Multi-sources) or avss (--root: '
+      'AVSBench-semantic)',
   )
   parser.add_argument(
       '--out',

@@ -18,8 +18,9 @@ to class indices as the reference (`color_mask_to_label`: a colour outside
 the palette becomes 0); a label of another size than its frame, a missing or
 unreadable file, or a frame/label count that does not fit the subset raises
 `layout.ClipError` naming the file. CSV rows that are not clips are
-reported by `read_clips` and left out. No TensorFlow here; writing TFRecord
-shards from these records is not done yet.
+reported by `read_clips` and left out. No TensorFlow here: the shards are
+written by `python -m data_prep.avsbench --setting avss --root ROOT --out
+OUT` (`load_example` gives its records).
 """
 
 import csv
@@ -205,6 +206,34 @@ def load_clip(clip):
       gt_mask=gt_mask,
       log_mel=read_log_mel(os.path.join(clip.folder, 'audio.wav')),
   )
+
+
+def to_example(record):
+  """A `load_clip` record -> the `avss` TFDS features' input.
+
+  frames: 10 PNG byte strings (black where a 5-frame clip is padded);
+  masks: 10 one-channel PNGs of class indices; labelled = gt_mask > 0;
+  frame_mask > 0; log_mel [10, 96, 64]; category: the subset.
+  """
+  labels = record['labels']
+  n = len(record['frames'])
+  black = layout._png(  # pylint: disable=protected-access
+      np.zeros(labels.shape[1:] + (3,), np.uint8)
+  )
+  return dict(
+      id=record['id'],
+      category=record['subset'],
+      frames=list(record['frames']) + [black] * (avss.FRAMES_PER_CLIP - n),
+      masks=[layout._png(m) for m in labels],  # pylint: disable=protected-access
+      labelled=record['gt_mask'] > 0,
+      frame_mask=record['frame_mask'] > 0,
+      log_mel=record['log_mel'],
+  )
+
+
+def load_example(clip):
+  """`to_example(load_clip(clip))`: one clip's record for the shards."""
+  return to_example(load_clip(clip))
 
 
 def make_synthetic_tree(

@@ -1,4 +1,4 @@
-"""TFDS builder `avs_bench` (configs `s4`, `ms3`) of a manual AVSBench copy.
+"""TFDS builder `avs_bench` (configs `s4`, `ms3`, `avss`) of a manual AVSBench copy.
 
 `python -m data_prep.avsbench` writes the same dataset in parallel, resumably
 and with an error report; this builder also lets `tfds build` do it and gives
@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from avs_jax.data import records
+from data_prep import avss
 from data_prep import layout
 
 _DESCRIPTION = """\
@@ -35,29 +36,33 @@ _CITATION = """\
 """
 
 
-def features():
-  """The feature specification of one clip."""
+def features(setting='s4'):
+  """The feature specification of one clip of `setting`.
+
+  AVSS (AVSBench-semantic): 10 frames (black where a 5-frame clip is
+  padded), `masks` holding class indices (0 = background), `labelled` the
+  annotated frames, and `frame_mask` the real (not padded) frames; the
+  category is the subset (v1s, v1m, v2).
+  """
   f = tfds.features
-  return f.FeaturesDict(
-      {
-          'id': f.Text(),
-          'category': f.Text(),
-          'frames': f.Sequence(
-              f.Image(shape=(None, None, 3), encoding_format='png'),
-              length=records.NUM_FRAMES,
-          ),
-          'masks': f.Sequence(
-              f.Image(shape=(None, None, 1), encoding_format='png'),
-              length=records.NUM_FRAMES,
-          ),
-          'labelled': f.Tensor(shape=(records.NUM_FRAMES,), dtype=np.bool_),
-          'log_mel': f.Tensor(
-              shape=(records.NUM_FRAMES, 96, 64),
-              dtype=np.float32,
-              encoding=f.Encoding.BYTES,
-          ),
-      }
-  )
+  n = records.AVSS_FRAMES if setting == 'avss' else records.NUM_FRAMES
+  spec = {
+      'id': f.Text(),
+      'category': f.Text(),
+      'frames': f.Sequence(
+          f.Image(shape=(None, None, 3), encoding_format='png'), length=n
+      ),
+      'masks': f.Sequence(
+          f.Image(shape=(None, None, 1), encoding_format='png'), length=n
+      ),
+      'labelled': f.Tensor(shape=(n,), dtype=np.bool_),
+      'log_mel': f.Tensor(
+          shape=(n, 96, 64), dtype=np.float32, encoding=f.Encoding.BYTES
+      ),
+  }
+  if setting == 'avss':
+    spec['frame_mask'] = f.Tensor(shape=(n,), dtype=np.bool_)
+  return f.FeaturesDict(spec)
 
 
 class AvsBench(tfds.core.GeneratorBasedBuilder):
@@ -70,6 +75,9 @@ class AvsBench(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name='s4', description='Single-source (S4).'),
       tfds.core.BuilderConfig(name='ms3', description='Multi-sources (MS3).'),
+      tfds.core.BuilderConfig(
+          name='avss', description='AVSBench-semantic (AVSS), 71 classes.'
+      ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   AVSBench is distributed by its authors on request
@@ -90,14 +98,17 @@ class AvsBench(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=_DESCRIPTION,
-        features=features(),
+        features=features(self.builder_config.name),
         homepage='https://opennlplab.github.io/AVSBench/',
         citation=_CITATION,
     )
 
   def _split_generators(self, dl_manager):
-    clips, problems = layout.read_clips(
-        str(dl_manager.manual_dir), self.builder_config.name
+    root, setting = str(dl_manager.manual_dir), self.builder_config.name
+    clips, problems = (
+        avss.read_clips(root)
+        if setting == 'avss'
+        else layout.read_clips(root, setting)
     )
     for p in problems:  # `data_prep.avsbench` reports these.
       logging.warning('skipping %s: %s', p['file'], p['reason'])
@@ -110,6 +121,10 @@ class AvsBench(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, clips):
     for clip in clips:
       try:
-        yield clip.id, layout.load_clip(clip)
+        yield clip.id, (
+            avss.load_example(clip)
+            if isinstance(clip, avss.Clip)
+            else layout.load_clip(clip)
+        )
       except layout.ClipError as e:  # `data_prep.avsbench` reports these.
         logging.warning('skipping clip %s: %s', clip.id, e)

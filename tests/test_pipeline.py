@@ -287,8 +287,10 @@ def test_bad_requests(env, tmp_path):
     data.num_examples(str(tmp_path), 'ms3', 'train')
   with pytest.raises(data.DataError, match='no prepared'):
     data.num_examples(str(tmp_path), 'ms3', 'train')
-  with pytest.raises(data.DataError, match="unknown setting 'avss'"):
-    data.num_examples(env['out'], 'avss', 'train')
+  with pytest.raises(data.DataError, match="unknown setting 'ms4'"):
+    data.num_examples(env['out'], 'ms4', 'train')
+  with pytest.raises(data.DataError, match="no prepared 'avss' dataset"):
+    data.num_examples(env['out'], 'avss', 'train')  # known, not prepared
   with pytest.raises(ValueError, match='split'):
     data.eval_dataset(
         env['out'],

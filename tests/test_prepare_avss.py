@@ -1,11 +1,18 @@
 """data_prep.avss: the AVSBench-semantic layout on a tiny synthetic tree."""
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from avs_jax import avss
+from avs_jax import data
+from avs_jax.data import records
 from data_prep import avss as prep
 from data_prep import layout
 
@@ -59,8 +66,6 @@ def test_bad_rows_and_files_are_named(tree):
     prep.load_clip(v2)
   assert e.value.file.endswith('frames')
 
-  from PIL import Image
-
   v1m = clips[2]
   path = os.path.join(v1m.folder, 'labels_rgb', '2.png')
   Image.new('RGB', (10, 10)).save(path)
@@ -74,3 +79,160 @@ def test_layout_errors(tmp_path):
   (tmp_path / 'label2idx.json').write_text('{"background": 0, "a": 2}')
   with pytest.raises(layout.LayoutError, match='indices'):
     prep.read_class_names(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------
+# Shards: `python -m data_prep.avsbench --setting avss`, read back by the
+# input pipeline.
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBSETS = (
+    ('v2', 'train'),
+    ('v1s', 'train'),
+    ('v1m', 'train'),
+    ('v2', 'val'),
+    ('v1m', 'test'),
+    ('v1s', 'test'),
+    ('v2', 'test'),
+)
+
+
+def prepare_cli(*args):
+  return subprocess.run(
+      [sys.executable, '-m', 'data_prep.avsbench', *args],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      timeout=300,
+  )
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+  """A synthetic AVSBench-semantic tree with one broken clip, prepared by
+  the command line (the broken clip left out and reported)."""
+  base = tmp_path_factory.mktemp('avss_shards')
+  root, out = str(base / 'raw'), str(base / 'out')
+  truth = prep.make_synthetic_tree(root, clips=SUBSETS, size=(48, 32), seed=1)
+  bad = os.path.join(root, 'v1m', 'clip2_v1m', 'labels_rgb', '3.png')
+  with open(bad, 'wb') as f:
+    f.write(b'not a png')
+  p = prepare_cli('--root', root, '--setting', 'avss', '--out', out)
+  return dict(root=root, out=out, truth=truth, bad=bad, proc=p)
+
+
+def test_shards_round_trip_the_tree(shards):
+  out, truth = shards['out'], shards['truth']
+  assert data.num_examples(out, 'avss', 'train') == 2  # clip2_v1m left out
+  assert data.num_examples(out, 'avss', 'test') == 3
+  names = records.class_names(out, 'avss')
+  assert len(names) == 71 and names[0] == 'background'
+  seen = set()
+  for split in ('train', 'val', 'test'):
+    for b in data.eval_dataset(
+        out,
+        'avss',
+        split,
+        batch_size=2,
+        image_size=(32, 48),
+        process_index=0,
+        process_count=1,
+    ):
+      for i, cid in enumerate(b['id']):
+        if not b['valid'][i]:
+          assert not b['frame_mask'][i].any() and not b['labels'][i].any()
+          continue
+        seen.add(str(cid))
+        subset = str(b['category'][i])
+        k = len(truth[cid])
+        n = 10 if subset == 'v2' else 5
+        # The labels are the generator's class indices, background elsewhere.
+        np.testing.assert_array_equal(b['labels'][i, :k], truth[cid])
+        assert not b['labels'][i, k:].any()
+        vid, gt = avss.temporal_masks(subset)
+        np.testing.assert_array_equal(b['frame_mask'][i], vid)
+        np.testing.assert_array_equal(b['gt_mask'][i], gt)
+        assert b['frames'].shape[1:] == (10, 32, 48, 3)
+        assert np.abs(b['frames'][i, :n]).mean(axis=(1, 2, 3)).min() > 0.1
+        assert not b['frames'][i, n:].any()  # padded frames are zeros
+        assert b['log_mel'][i, :n].std() > 0 and not b['log_mel'][i, n:].any()
+  assert seen == set(truth) - {'clip2_v1m'}
+
+
+def test_frames_decode_to_the_source_jpegs(shards):
+  """At the stored size the frames are the JPEGs' pixels, normalised."""
+  root, out = shards['root'], shards['out']
+  (b,) = list(
+      data.eval_dataset(
+          out,
+          'avss',
+          'val',
+          batch_size=1,
+          image_size=(32, 48),
+          process_index=0,
+          process_count=1,
+      )
+  )
+  jpg = os.path.join(root, 'v2', 'clip3_v2', 'frames', '7.jpg')
+  rgb = np.asarray(Image.open(jpg).convert('RGB'), np.float32) / 255.0
+  want = (rgb - data.IMAGENET_MEAN) / data.IMAGENET_STD
+  np.testing.assert_allclose(b['frames'][0, 7], want, atol=1e-5)
+
+
+def test_bad_clip_is_reported_by_path(shards):
+  p = shards['proc']
+  assert p.returncode == 1, p.stderr
+  assert '1 clip(s) left out' in p.stdout
+  # One summary line per bad clip (and one as it happens, above the bar).
+  line = [l for l in p.stdout.splitlines() if l.startswith('  train clip2')]
+  assert len(line) == 1 and shards['bad'] in line[0], p.stdout
+  with open(os.path.join(shards['out'], 'errors.jsonl')) as f:
+    (err,) = [json.loads(l) for l in f]
+  assert err['setting'] == 'avss' and err['file'] == shards['bad']
+  assert 'unreadable label' in err['reason']
+
+
+def test_train_batches_of_the_avss_setting(shards):
+  it = iter(
+      data.train_dataset(
+          shards['out'],
+          'avss',
+          batch_size=2,
+          image_size=32,
+          seed=0,
+          process_index=0,
+          process_count=1,
+      )
+  )
+  b = next(it)
+  assert b['labels'].shape == (2, 10, 32, 32) and b['labels'].dtype == np.int32
+  assert b['frame_mask'].shape == (2, 10) and b['gt_mask'].shape == (2, 10)
+  assert 'masks' not in b
+
+
+def test_setting_mismatch_is_one_line(shards, tmp_path):
+  out = shards['out']
+  version = records.version_dir(out, 'avss')
+  moved = str(tmp_path / 'moved')  # AVSS shards where MS3 ones belong
+  shutil.copytree(
+      os.path.join(out, 'avs_bench', 'avss'),
+      os.path.join(moved, 'avs_bench', 'ms3'),
+  )
+  for data_dir, setting in ((version, 'ms3'), (moved, 'ms3'), (out, 's4')):
+    with pytest.raises(data.DataError) as e:
+      data.num_examples(data_dir, setting, 'train')
+    msg = str(e.value)
+    assert '\n' not in msg
+    if data_dir != out:
+      assert "holds the 'avss' setting, not 'ms3'" in msg, msg
+    else:
+      assert "no prepared 's4' dataset" in msg, msg
+
+
+def test_prepare_of_a_wrong_root_is_one_line(tmp_path):
+  p = prepare_cli(
+      '--root', str(tmp_path), '--setting', 'avss', '--out', str(tmp_path / 'o')
+  )
+  assert p.returncode == 2
+  assert p.stderr.count('\n') == 1 and 'label2idx.json' in p.stderr

@@ -15,7 +15,10 @@ the number of workers.
 Every batch is a dict of NumPy arrays: frames float32 [B, 5, H, W, 3]
 (ImageNet-normalised), log_mel float32 [B, 5, 96, 64], masks float32
 [B, 5, H, W] in {0, 1}, labelled bool [B, 5], valid bool [B], id and
-category str [B] (keep those two off the device).
+category str [B] (keep those two off the device). AVSS (setting 'avss')
+clips have T = 10 frames and, instead of masks and labelled, labels int32
+[B, 10, H, W] (class indices), gt_mask and frame_mask float32 [B, 10]
+(`records.decode_avss`).
 """
 
 import functools
@@ -59,13 +62,13 @@ class _Decode(grain.transforms.Map):
 class _ReadAndDecode(_Decode):
   """Evaluation: clip position -> decoded clip; past the end -> padding."""
 
-  def __init__(self, source, image_size):
+  def __init__(self, source, image_size, setting='s4'):
     super().__init__(image_size)
-    self.source = source
+    self.source, self.setting = source, setting
 
   def map(self, position):
     if position >= len(self.source):
-      return records.padding(self.image_size)
+      return records.padding(self.image_size, self.setting)
     return records.decode(self.source[position], self.image_size)
 
 
@@ -164,7 +167,7 @@ def eval_dataset(
       len(source), batch_size, process_index, process_count
   )
   ds = grain.MapDataset.source(positions).map(
-      _ReadAndDecode(source, image_size)
+      _ReadAndDecode(source, image_size, setting)
   )
   ds = ds.batch(batch_size)
   return _prefetch(ds.to_iter_dataset(), num_workers)

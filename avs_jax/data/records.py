@@ -22,9 +22,12 @@ from avs_jax.data import example_proto
 
 NAME = 'avs_bench'  # the TFDS dataset name
 VERSION = '1.0.0'  # of the record format: bump when the features change
-SETTINGS = ('s4', 'ms3')  # TFDS configs: Single-source, Multi-sources
+SETTINGS = ('s4', 'ms3', 'avss')  # TFDS configs: Single-source,
+# Multi-sources (AVSBench-object) and AVSBench-semantic (AVSS)
 SPLITS = ('train', 'val', 'test')
-NUM_FRAMES = 5  # frames, masks and seconds of audio per clip
+NUM_FRAMES = 5  # frames, masks and seconds of audio per clip (s4, ms3)
+AVSS_FRAMES = 10  # AVSS: 10 frames per clip, 5-frame clips padded
+CLASS_NAMES = 'class_names.json'  # AVSS: [name of class 0, 1, ...]
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _PREPARE = 'python -m data_prep.avsbench'
@@ -57,7 +60,9 @@ def dataset_dir(data_dir, setting):
   Versions are folders named like `1.0.0` holding a dataset_info.json.
   """
   if setting not in SETTINGS:
-    raise DataError(f'unknown setting {setting!r} (expected s4 or ms3)')
+    raise DataError(
+        f'unknown setting {setting!r} (expected one of {", ".join(SETTINGS)})'
+    )
   if os.path.isfile(os.path.join(data_dir, 'dataset_info.json')):
     return data_dir
   base = os.path.join(data_dir, NAME, setting)
@@ -137,6 +142,16 @@ def split_files(data_dir, setting, split):
 def num_examples(data_dir, setting, split):
   """Number of clips in a split."""
   return sum(split_files(data_dir, setting, split)[1])
+
+
+def class_names(data_dir, setting):
+  """AVSS class names by index (`class_names.json` beside the shards), or
+  None when the dataset has none (S4/MS3, or written without it)."""
+  path = os.path.join(dataset_dir(data_dir, setting), CLASS_NAMES)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return [str(n) for n in json.load(f)]
 
 
 def image_hw(image_size):
@@ -227,6 +242,8 @@ def decode(raw, image_size):
   """
   h, w = image_hw(image_size)
   ex = example_proto.parse(raw)
+  if 'frame_mask' in ex:
+    return decode_avss(ex, (h, w))
   frames = np.empty((NUM_FRAMES, h, w, 3), np.uint8)
   masks = np.empty((NUM_FRAMES, h, w), np.uint8)
   for i, (f, m) in enumerate(zip(ex['frames'], ex['masks'])):
@@ -252,9 +269,59 @@ def decode(raw, image_size):
   )
 
 
-def padding(image_size):
+def _resized(data, hw, mode, resample):
+  """PNG bytes -> uint8 array of size `hw` in PIL `mode`."""
+  img = _decode_png(data)
+  img = img.convert(mode) if img.mode != mode else img
+  if img.size != (hw[1], hw[0]):
+    img = img.resize((hw[1], hw[0]), resample)
+  return np.asarray(img)
+
+
+def decode_avss(ex, hw):
+  """A parsed AVSS record -> one clip (T = 10 frames).
+
+  frames float32 [T, H, W, 3] (bilinear, ImageNet mean/std; 0 on padded
+  frames, as the reference pads its normalised frames with zeros); labels
+  int32 [T, H, W] class indices (nearest resize); gt_mask float32 [T]
+  (annotated frames); frame_mask float32 [T] (real frames); log_mel float32
+  [T, 96, 64]; valid bool []; id, category (the subset: v1s, v1m, v2) str.
+  """
+  t = AVSS_FRAMES
+  frame_mask = np.array(ex['frame_mask'], np.float32)
+  frames = np.stack(
+      [_resized(f, hw, 'RGB', Image.BILINEAR) for f in ex['frames']]
+  )
+  labels = np.stack([_resized(m, hw, 'L', Image.NEAREST) for m in ex['masks']])
+  scale = 1.0 / (255.0 * IMAGENET_STD)
+  frames = frames * scale - IMAGENET_MEAN / IMAGENET_STD
+  return dict(
+      frames=(frames * frame_mask[:, None, None, None]).astype(np.float32),
+      labels=labels.astype(np.int32),
+      gt_mask=np.array(ex['labelled'], np.float32),
+      frame_mask=frame_mask,
+      log_mel=np.frombuffer(ex['log_mel'][0], '<f4').reshape(t, 96, 64).copy(),
+      valid=np.array(True),
+      id=ex['id'][0].decode(),
+      category=ex['category'][0].decode(),
+  )
+
+
+def padding(image_size, setting='s4'):
   """The element that fills an evaluation batch: all zeros, valid=False."""
   h, w = image_hw(image_size)
+  if setting == 'avss':
+    t = AVSS_FRAMES
+    return dict(
+        frames=np.zeros((t, h, w, 3), np.float32),
+        labels=np.zeros((t, h, w), np.int32),
+        gt_mask=np.zeros(t, np.float32),
+        frame_mask=np.zeros(t, np.float32),
+        log_mel=np.zeros((t, 96, 64), np.float32),
+        valid=np.array(False),
+        id='',
+        category='',
+    )
   return dict(
       frames=np.zeros((NUM_FRAMES, h, w, 3), np.float32),
       masks=np.zeros((NUM_FRAMES, h, w), np.float32),
