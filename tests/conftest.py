@@ -1,9 +1,22 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests run on the CPU in float32; keep TensorFlow off any accelerator.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One persistent compilation cache for the whole session and the run.py
+# subprocesses it starts (they inherit the environment): many tests compile
+# the same model; the cache is keyed by the program and the XLA flags.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="avs_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 from avs_jax.xla_flags import set_xla_flags  # noqa: E402
 
