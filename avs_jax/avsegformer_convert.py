@@ -12,9 +12,9 @@ project's PyTorch mapping, plus three renames:
   head.learnable_query.weight          <-> params/head/learnable_query/embedding
   head.query_generator.query.weight    <-> .../query_generator/query/embedding
 
-Command line:
-  python -m avs_jax.avsegformer_convert --src AVSegFormer_res50_s4.pth \\
-      --config configs/avsegformer_s4.py:resnet50 --out DIR [--to-torch]
+Command line: `python -m avs_jax.convert` with an AVSegFormer config
+(`--config=configs/avsegformer_s4.py:resnet50 --src=... --out=...`,
+`--to_torch [--vggish=...]` back).
 """
 
 import functools
@@ -36,11 +36,7 @@ _UNUSED = tuple(dst for _, dst in _RESNET_BRANCHES)
 _EMBEDDINGS = ('head.learnable_query.', 'head.query_generator.query.')
 
 
-def strip_module_prefix(sd):
-  """Drops DataParallel's `module.` prefix (the released files have it)."""
-  if sd and all(k.startswith('module.') for k in sd):
-    return {k[len('module.') :]: v for k, v in sd.items()}
-  return dict(sd)
+strip_module_prefix = tw.strip_module_prefix
 
 
 def _to_ours(key: str) -> str:
@@ -169,72 +165,3 @@ def flax_to_torch(
     for k, v in tw.vggish_flax_to_torch({'params': vggish['params']}).items():
       sd['vggish.' + k] = v
   return sd
-
-
-def main(argv=None):
-  # long: argument handling; to move onto avs_jax.convert's config_flags
-  # command line when AVSegFormer joins run.py (issue 13).
-  import argparse  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-
-  p = argparse.ArgumentParser(
-      prog='python -m avs_jax.avsegformer_convert',
-      description='Convert a released AVSegFormer checkpoint (.pth/.npz/'
-      '.safetensors) into an Orbax checkpoint, or back with --to-torch.',
-  )
-  p.add_argument('--src', required=True)
-  p.add_argument(
-      '--config', required=True, help='e.g. configs/avsegformer_s4.py:pvt_v2_b5'
-  )
-  p.add_argument('--out', required=True)
-  p.add_argument('--to-torch', action='store_true')
-  p.add_argument(
-      '--vggish',
-      default='',
-      help='with --to-torch: a VGGish checkpoint (vggish-10086976.pth, or '
-      'the released AVSegFormer .pth) whose weights become the vggish.* '
-      'keys, so that the result loads strictly into the reference',
-  )
-  args = p.parse_args(argv)
-  path, _, arg = args.config.partition(':')
-  if not os.path.exists(path):
-    p.error(f'--config {path}: no such config file')
-  spec = importlib.util.spec_from_file_location('avsegformer_config', path)
-  module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  from avs_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
-  try:
-    if args.to_torch:
-      vggish = None
-      if args.vggish:
-        vsd = strip_module_prefix(load_state_dict(args.vggish))
-        vggish = vggish_variables(vsd) or tw.vggish_torch_to_flax(vsd)
-      state, step = ckpt_lib.load_state(args.src)
-      sd = flax_to_torch(state, config.model, vggish=vggish)
-      if args.out.endswith('.npz'):
-        np.savez(args.out, **sd)
-      else:
-        import torch  # pylint: disable=g-import-not-at-top
-
-        torch.save(
-            {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
-            args.out,
-        )
-      print(f'wrote {len(sd)} tensors (step {step}) to {args.out}')
-    else:
-      variables = torch_to_flax(load_state_dict(args.src), config.model)
-      out = ckpt_lib.save_variables(variables, args.out)
-      print(f'wrote {out} ({config.model.backbone})')
-  except (ConversionError, FileNotFoundError, ImportError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
-
-
-if __name__ == '__main__':
-  raise SystemExit(main())

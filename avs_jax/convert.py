@@ -6,10 +6,16 @@ r"""Command line: PyTorch AVS checkpoints <-> Orbax checkpoints.
       --config.eval.restore=workdirs/ms3_pvt_converted
   python -m avs_jax.convert --config=configs/ms3.py --to_torch \
       --src=workdirs/ms3 --out=ms3.pth                    # and back
+  python -m avs_jax.convert --config=configs/avsegformer_s4.py:pvt_v2_b5 \
+      --src=AVSegFormer_pvt2_s4.pth --out=workdirs/avsf_s4_converted
+  python -m avs_jax.convert --config=configs/avsegformer_s4.py:pvt_v2_b5 \
+      --to_torch --src=workdirs/avsf_s4_converted --out=avsf_s4.pth \
+      --vggish=AVSegFormer_pvt2_s4.pth       # back, loads into the reference
 
 The config (loaded like `run.py` loads it, `--config.model.x=y` overrides
-included) gives the model the checkpoint must fit. The mapping itself is
-`avs_jax.torch_weights`.
+included) gives the model the checkpoint must fit: the paper's AVS model
+(mapping in `avs_jax.torch_weights`) or, with `model.name='avsegformer'`,
+AVSegFormer (`avs_jax.avsegformer_convert`).
 """
 
 import sys
@@ -19,6 +25,7 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from avs_jax import avsegformer_convert
 from avs_jax import checkpoint as ckpt_lib
 from avs_jax import torch_weights
 
@@ -41,13 +48,27 @@ flags.DEFINE_string(
     'with --to_torch a .pth/.npz file.',
 )
 flags.DEFINE_bool('to_torch', False, 'Orbax checkpoint -> PyTorch state dict.')
+flags.DEFINE_string(
+    'vggish',
+    '',
+    'AVSegFormer with --to_torch: a VGGish checkpoint (vggish-10086976.pth '
+    'or a released AVSegFormer .pth) whose weights become the vggish.* keys, '
+    'so that the result loads strictly into the reference.',
+)
 flags.mark_flags_as_required(['config', 'src', 'out'])
 FLAGS = flags.FLAGS
+
+
+def is_avsegformer(model_config):
+  return model_config.get('name', 'avs') == 'avsegformer'
 
 
 def to_orbax(src, out, model_config):
   """A PyTorch AVS checkpoint file -> Orbax checkpoint dir; returns its path."""
   sd = torch_weights.load_state_dict(src)
+  if is_avsegformer(model_config):
+    variables = avsegformer_convert.torch_to_flax(sd, model_config)
+    return ckpt_lib.save_variables(variables, out)
   kind = torch_weights.checkpoint_kind(torch_weights.strip_module_prefix(sd))
   if kind != 'avs':
     raise torch_weights.ConversionError(
@@ -58,10 +79,24 @@ def to_orbax(src, out, model_config):
   return ckpt_lib.save_variables(variables, out)
 
 
-def to_torch(src, out, model_config):
-  """An Orbax checkpoint -> .pth (needs torch) or .npz; returns (n, step)."""
+def to_torch(src, out, model_config, vggish=''):
+  """An Orbax checkpoint -> .pth (needs torch) or .npz; returns (n, step).
+
+  AVSegFormer: `vggish`, a checkpoint file whose VGGish becomes `vggish.*`.
+  """
   state, step = ckpt_lib.load_state(src)
-  sd = torch_weights.flax_to_torch(state, model_config)
+  if is_avsegformer(model_config):
+    vggish_vars = None
+    if vggish:
+      vsd = torch_weights.strip_module_prefix(
+          torch_weights.load_state_dict(vggish)
+      )
+      vggish_vars = avsegformer_convert.vggish_variables(
+          vsd
+      ) or torch_weights.vggish_torch_to_flax(vsd)
+    sd = avsegformer_convert.flax_to_torch(state, model_config, vggish_vars)
+  else:
+    sd = torch_weights.flax_to_torch(state, model_config)
   if out.endswith('.npz'):
     np.savez(out, **sd)
   else:
@@ -76,7 +111,7 @@ def main(argv):
   config = FLAGS.config
   try:
     if FLAGS.to_torch:
-      n, step = to_torch(FLAGS.src, FLAGS.out, config.model)
+      n, step = to_torch(FLAGS.src, FLAGS.out, config.model, FLAGS.vggish)
       print(f'wrote {n} tensors (step {step}) to {FLAGS.out}')
     else:
       out = to_orbax(FLAGS.src, FLAGS.out, config.model)

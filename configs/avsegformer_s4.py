@@ -9,7 +9,7 @@ mask feature; AdamW lr 2e-5 (PyTorch defaults: weight decay 0.01), batch 2,
   python run.py --config=configs/avsegformer_s4.py --workdir=workdirs/avsf_s4
   python run.py --config=configs/avsegformer_s4.py:pvt_v2_b5 ...
 
-A released checkpoint converts with `python -m avs_jax.avsegformer_convert`.
+A released checkpoint converts with `python -m avs_jax.convert` and this config.
 """
 
 import ml_collections

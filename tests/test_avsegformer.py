@@ -10,12 +10,16 @@ import functools
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
+import procs
 
 from avs_jax import avsegformer_convert as ac
 from avs_jax import avsegformer_losses as al
@@ -405,19 +409,33 @@ def test_configs(setting, default, classes):
   assert model.mlp_dim == 2048 and model.dropout == 0.1
 
 
-def test_command_line_round_trip(tmp_path, capsys):
-  """`python -m avs_jax.avsegformer_convert` both ways, VGGish carried over."""
+def convert_cli(*args):
+  """`python -m avs_jax.convert ARGS` -> (exit status, stderr)."""
+  p = subprocess.run(
+      [sys.executable, '-m', 'avs_jax.convert', *args],
+      cwd=procs.REPO,
+      env=procs.env(os.environ.get('JAX_COMPILATION_CACHE_DIR', '')),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  return p.returncode, p.stderr
+
+
+def test_command_line_round_trip(tmp_path):
+  """`python -m avs_jax.convert` both ways, VGGish carried over."""
   sd = _full_reference_state_dict('avsegformer_resnet50_s4_64.npz')
   src = tmp_path / 'released.npz'
   np.savez(src, **{'module.' + k: v for k, v in sd.items()})
-  config = 'configs/avsegformer_s4.py:resnet50'
+  config = '--config=configs/avsegformer_s4.py:resnet50'
   out = tmp_path / 'ckpt'
-  assert (
-      ac.main(['--src', str(src), '--config', config, '--out', str(out)]) == 0
-  )
+  rc, err = convert_cli(f'--src={src}', config, f'--out={out}')
+  assert rc == 0, err
   back = tmp_path / 'back.npz'
-  args = ['--to-torch', '--src', str(out), '--config', config]
-  assert ac.main(args + ['--out', str(back), '--vggish', str(src)]) == 0
+  rc, err = convert_cli(
+      '--to_torch', f'--src={out}', config, f'--out={back}', f'--vggish={src}'
+  )
+  assert rc == 0, err
   with np.load(back) as z:
     assert set(z.files) == set(sd)
     for k in (
@@ -428,9 +446,13 @@ def test_command_line_round_trip(tmp_path, capsys):
     ):
       np.testing.assert_array_equal(z[k], sd[k])
   # A wrong backbone is one clear error line, exit status 1.
-  bad = ['--src', str(src), '--config', 'configs/avsegformer_s4.py:pvt_v2_b5']
-  assert ac.main(bad + ['--out', str(tmp_path / 'x')]) == 1
-  assert "asks for 'pvt_v2_b5'" in capsys.readouterr().err
+  rc, err = convert_cli(
+      f'--src={src}',
+      '--config=configs/avsegformer_s4.py:pvt_v2_b5',
+      f'--out={tmp_path / "x"}',
+  )
+  assert rc == 1
+  assert "asks for 'pvt_v2_b5'" in err and err.count('\n') == 1, err
 
 
 def test_tiny_model_learns_from_audio():
