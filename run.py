@@ -32,6 +32,7 @@ from avs_jax import torch_weights
 from avs_jax import train
 from avs_jax import utils
 from data_prep import synthetic
+from data_prep import synthetic_avss
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -176,10 +177,15 @@ def run(config, workdir, mode):
   runtime.check_config(config)
   check_workdir(workdir)
   if config.data.synthetic.enabled:
+    ensure = (
+        synthetic_avss.ensure_synthetic_data
+        if config.data.setting == 'avss'
+        else synthetic.ensure_synthetic_data
+    )
     if jax.process_index() == 0:
-      synthetic.ensure_synthetic_data(config)
+      ensure(config)
     utils.barrier('synthetic data')  # made by process 0
-    synthetic.ensure_synthetic_data(config)  # checks what is there
+    ensure(config)  # checks what is there
   if mode == 'train':
     results = train.train_and_evaluate(config, workdir)
     # None: preempted (SIGTERM), saved; exit now, the re-run reports.

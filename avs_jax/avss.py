@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from avs_jax import torch_weights as _tw
+from avs_jax.data import records as _records
 
 NUM_CLASSES = 71
 FRAMES_PER_CLIP = 10
@@ -47,6 +48,32 @@ def temporal_masks(subset: str):
       f'unknown AVSBench-semantic subset {subset!r}; expected '
       f'one of {SUBSETS}'
   )
+
+
+def names_from_label2idx(path):
+  """Class names by index from an AVSBench-semantic `label2idx.json`."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  with open(path) as f:
+    table = json.load(f)
+  if not isinstance(table, dict) or sorted(table.values()) != list(
+      range(len(table))
+  ):
+    raise ValueError(f'{path}: expected {{name: index}} with indices 0..K-1')
+  return [n for n, _ in sorted(table.items(), key=lambda kv: kv[1])]
+
+
+def class_names(data_config, num_classes=NUM_CLASSES):
+  """The class names of a config: `data.label2idx` (a label2idx.json) if
+  set, else the prepared dataset's `class_names.json`, else `class_<i>`."""
+  path = data_config.get('label2idx', '')
+  if path:
+    return names_from_label2idx(path)
+  try:
+    names = _records.class_names(data_config.dir, 'avss')
+  except _records.DataError:  # no dataset here (e.g. predict only)
+    names = None
+  return names or [f'class_{i}' for i in range(num_classes)]
 
 
 def palette(num_classes: int = NUM_CLASSES) -> np.ndarray:

@@ -33,6 +33,36 @@ def overlay(frame, mask, color=(255, 40, 40), alpha=0.5, edge=(255, 255, 255)):
   return out.astype(np.uint8)
 
 
+def color_overlay(frame, label, pal, alpha=0.5):
+  """`frame [H, W, 3] uint8`, `label [H, W]` class indices -> a blend of the
+  frame with each class's palette colour (`pal [K, 3]`), class 0 (the
+  background) left as is, class borders in white."""
+  out = frame.astype(np.float32)
+  fg = label > 0
+  out[fg] = (1 - alpha) * out[fg] + alpha * pal[label[fg]].astype(np.float32)
+  edge = np.zeros_like(fg)
+  edge[1:] |= label[1:] != label[:-1]
+  edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+  out[edge] = 255
+  return out.astype(np.uint8)
+
+
+def legend(names, colors, path):
+  """A PNG with a colour swatch and the name of each class given."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+
+  row = 18
+  img = Image.new('RGB', (220, row * max(len(names), 1) + 4), 'white')
+  pen = ImageDraw.Draw(img)
+  for i, (name, color) in enumerate(zip(names, colors)):
+    y = 2 + i * row
+    pen.rectangle(
+        [4, y + 2, 24, y + row - 2], fill=tuple(int(c) for c in color)
+    )
+    pen.text((30, y + 3), str(name), fill='black')
+  img.save(path)
+
+
 def training_curve(metrics_jsonl, path):
   """Train loss and validation J over steps from `metrics.jsonl` -> PNG."""
   with open(metrics_jsonl) as f:

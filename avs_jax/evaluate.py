@@ -12,9 +12,11 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from avs_jax import avss
 from avs_jax import checkpoint as ckpt_lib
 from avs_jax import data as data_lib
 from avs_jax import draw
@@ -44,10 +46,26 @@ def break_audio(log_mel, valid, mode, previous=None):
 
 
 def eval_step(variables, audio_vars, batch, *, model, vggish):
-  """Metrics of one global batch (`metrics.clip_metrics`) and its logits."""
+  """Metrics of one global batch and its predictions.
+
+  S4/MS3: `metrics.clip_metrics` and the logits `[B, T, H, W]`. AVSS (the
+  batch has `labels`): `metrics.avss_clip_metrics` and the predicted class
+  indices `[B, T, H, W]` (argmax; padded frames are background).
+  """
   out = runtime.forward(
-      model, vggish, variables, audio_vars, batch['frames'], batch['log_mel']
+      model,
+      vggish,
+      variables,
+      audio_vars,
+      batch['frames'],
+      batch['log_mel'],
+      batch.get('frame_mask'),
   )
+  if 'labels' in batch:
+    m = metrics_lib.avss_clip_metrics(
+        out['logits'], batch['labels'], batch['valid']
+    )
+    return m, jnp.argmax(out['logits'], axis=-1).astype(jnp.int32)
   m = metrics_lib.clip_metrics(out['logits'], batch['masks'], batch['valid'])
   return m, out['logits']
 
@@ -95,10 +113,14 @@ class Evaluator:
       if np.any(host['valid']):
         previous = host['log_mel'][np.asarray(host['valid'], bool)]
       batch = runtime.to_device(dict(host, log_mel=log_mel), self.sharding)
-      m, logits = self.step(variables, self.audio_vars, batch)
+      m, pred = self.step(variables, self.audio_vars, batch)
       acc = metrics_lib.merge_metrics(acc, m)
-      if out_dir is not None:
-        save_pngs(out_dir, host, local_rows(logits) > 0, c.eval)
+      if out_dir is not None and setting == 'avss':
+        save_avss_pngs(out_dir, host, local_rows(pred), c.eval)
+      elif out_dir is not None:
+        save_pngs(out_dir, host, local_rows(pred) > 0, c.eval)
+    if setting == 'avss':
+      return metrics_lib.avss_summarize(acc, avss.class_names(c.data))
     return metrics_lib.summarize(acc)
 
 
@@ -130,6 +152,28 @@ def save_pngs(out_dir, host, pred, ec):
         )
       if ec.save_overlays:
         Image.fromarray(draw.overlay(frames[b, t], pred[b, t])).save(
+            os.path.join(d, f'{cid}_{t + 1}_overlay.png')
+        )
+
+
+def save_avss_pngs(out_dir, host, pred, ec):
+  """AVSS: coloured masks (the official palette) / colour overlays of a host
+  batch's valid clips, real frames only (`pred [B, T, H, W]` classes)."""
+  frames = draw.denormalize(np.asarray(host['frames']))
+  pal = avss.palette()
+  for b, valid in enumerate(host['valid']):
+    if not valid:
+      continue
+    cid = str(host['id'][b])
+    d = os.path.join(out_dir, cid)
+    os.makedirs(d, exist_ok=True)
+    for t in np.flatnonzero(host['frame_mask'][b]):
+      if ec.save_masks:
+        Image.fromarray(pal[pred[b, t]]).save(
+            os.path.join(d, f'{cid}_{t + 1}_mask.png')
+        )
+      if ec.save_overlays:
+        Image.fromarray(draw.color_overlay(frames[b, t], pred[b, t], pal)).save(
             os.path.join(d, f'{cid}_{t + 1}_overlay.png')
         )
 
@@ -167,12 +211,25 @@ def evaluate_checkpoint(config, workdir, path, split=None, audio=None):
     with open(out, 'w') as f:
       json.dump(res, f, indent=2)
   utils.log(
-      f'{split} ({audio} audio, step {restored.step}): J '
-      f'{res["miou"]:.4f} F {res["fscore"]:.4f} | per-frame J '
-      f'{res["miou_per_frame"]:.4f} F {res["fscore_per_frame"]:.4f} | '
+      f'{split} ({audio} audio, step {restored.step}): {_summary(res)} | '
       f'{res["num_clips"]} clips -> {out}'
   )
   return res
+
+
+def _summary(res):
+  """The headline numbers of an evaluation, one line."""
+  if 'per_class' in res:  # AVSS
+    return (
+        f'mIoU {res["miou"]:.4f} F {res["fscore"]:.4f} (the official mean '
+        f'over all {len(res["per_class"])} classes) | over the '
+        f'{res["num_classes_seen"]} classes present: mIoU '
+        f'{res["miou_present"]:.4f} F {res["fscore_present"]:.4f}'
+    )
+  return (
+      f'J {res["miou"]:.4f} F {res["fscore"]:.4f} | per-frame J '
+      f'{res["miou_per_frame"]:.4f} F {res["fscore_per_frame"]:.4f}'
+  )
 
 
 def report(config, workdir, results):
@@ -196,7 +253,10 @@ def report(config, workdir, results):
     )
     draw.clip_grid(*grid, os.path.join(workdir, 'test_grid.png'))
     with open(os.path.join(workdir, 'report.md'), 'w') as f:
-      f.write(report_markdown(config, step, res))
+      if config.data.setting == 'avss':
+        f.write(avss_report_markdown(config, step, res))
+      else:
+        f.write(report_markdown(config, step, res))
   utils.log(
       f'report: {os.path.join(workdir, "report.md")} (J '
       f'{res["true"]["miou"]:.4f}, shuffled {res["shuffled"]["miou"]:.4f}'
@@ -219,11 +279,20 @@ def _grid_arrays(config, ckpt, num_clips=3):
           )
       )
   )
-  pred = np.asarray(restored.logits(batch['frames'], batch['log_mel'])) > 0
+  logits = np.asarray(
+      restored.logits(
+          batch['frames'], batch['log_mel'], batch.get('frame_mask')
+      )
+  )
   n = int(np.sum(batch['valid']))
+  if config.data.setting == 'avss':  # colour pictures of the classes
+    pal = avss.palette(logits.shape[-1])
+    truth, pred = pal[batch['labels']], pal[np.argmax(logits, -1)]
+  else:
+    truth, pred = batch['masks'], logits > 0
   return (
       draw.denormalize(np.asarray(batch['frames']))[:n],
-      batch['masks'][:n],
+      truth[:n],
       pred[:n],
       batch['id'][:n],
   )
@@ -251,6 +320,54 @@ def report_markdown(config, step, res):
       '',
       f'J drop with shuffled audio: {drop:.4f} (the model uses sound '
       'when this is large).',
+      '',
+      '![training curve](training_curve.png)',
+      '',
+      '![test clips: frames, ground truth, prediction](test_grid.png)',
+      '',
+  ]
+  return '\n'.join(lines)
+
+
+def avss_report_markdown(config, step, res):
+  """`report.md` of an AVSS run: the three evaluations `res[audio]`, and the
+  classes present in the test split with true audio."""
+  del config
+  drop = res['true']['miou_present'] - res['shuffled']['miou_present']
+  lines = [
+      '# avs_jax demo report (avss, synthetic AVSBench-semantic)',
+      '',
+      f'Best checkpoint: step {step} (by validation mIoU). Test split: '
+      f'{res["true"]["num_clips"]} clips.',
+      '',
+      'mIoU and F: the official AVSS metric (mean over all 71 classes, a '
+      'class absent from the split counting 0); "present": the mean over '
+      'the classes that occur in the ground truth or the prediction.',
+      '',
+      '| audio | mIoU | F | mIoU present | F present | mIoU without bg |',
+      '| --- | --- | --- | --- | --- | --- |',
+  ]
+  for audio in AUDIO_MODES:
+    r = res[audio]
+    lines.append(
+        f'| {audio} | {r["miou"]:.4f} | {r["fscore"]:.4f} | '
+        f'{r["miou_present"]:.4f} | {r["fscore_present"]:.4f} | '
+        f'{r["miou_fg"]:.4f} |'
+    )
+  lines += [
+      '',
+      f'mIoU (present) drop with shuffled audio: {drop:.4f}.',
+      '',
+      '| class | mIoU | F | frames |',
+      '| --- | --- | --- | --- |',
+  ]
+  for c in res['true']['per_class']:
+    if c['frames']:
+      lines.append(
+          f'| {c["name"]} | {c["miou"]:.4f} | {c["fscore"]:.4f} | '
+          f'{c["frames"]} |'
+      )
+  lines += [
       '',
       '![training curve](training_curve.png)',
       '',

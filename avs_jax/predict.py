@@ -9,8 +9,15 @@ resampled to 16 kHz mono and cut into 0.96 s log-mel examples. The model
 runs over windows of 5 seconds; a last, partial window is filled by
 repeating its last second and the filler is dropped. ffmpeg comes from the
 `imageio-ffmpeg` package.
+
+AVSS (`data.setting='avss'`): windows of 10 seconds, the last one completed
+with padded frames (frame mask 0), as 5-frame clips are in training; each
+second gets the argmax class, written as a PNG in the official palette
+(`avss.palette`), with `legend.png` / `legend.json` naming the classes
+present (names from `data.label2idx`, see `avss.class_names`).
 """
 
+import json
 import os
 import subprocess
 import tempfile
@@ -23,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from avs_jax import audio as audio_lib
+from avs_jax import avss
 from avs_jax import data as data_lib
 from avs_jax import draw
 from avs_jax import runtime
@@ -191,6 +199,11 @@ def predict_video(config, workdir):
   # Every process restores (Orbax reads collectively) and computes the same
   # thing on its own devices; process 0 writes.
   restored = runtime.Inference(config, pc.restore, mesh=runtime.local_mesh())
+  if config.data.setting == 'avss':
+    classes = class_maps(restored, frames, examples)
+    if jax.process_index() == 0:
+      _write_avss(config, out, name, classes, fps)
+    return out
   probs = np.zeros((seconds,) + frames.shape[1:3], np.float32)
   for idx in windows(seconds):
     logits = restored.logits(frames[idx][None], examples[idx][None])[0]
@@ -214,10 +227,70 @@ def predict_video(config, workdir):
   return out
 
 
-def _write_overlay(src, dst, masks, fps):
-  """Every frame of `src` with its second's mask (`masks [S, H, W]` bool),
-  muxed with `src`'s audio; the audio is padded with silence where it is
-  shorter than the video."""
+def class_maps(restored, frames, examples, size=avss.FRAMES_PER_CLIP):
+  """AVSS: `[S, h, w]` int32 class of each pixel of each second.
+
+  `frames [S, h, w, 3]` (normalised), `examples [S, 96, 64]`; windows of
+  `size` seconds, the last one's missing seconds padded with zero frames and
+  audio under a frame mask of 0.
+  """
+  seconds = len(frames)
+  out = np.zeros(frames.shape[:3], np.int32)
+  for start in range(0, seconds, size):
+    n = min(size, seconds - start)
+    f = np.zeros((size,) + frames.shape[1:], np.float32)
+    a = np.zeros((size,) + examples.shape[1:], np.float32)
+    f[:n], a[:n] = frames[start : start + n], examples[start : start + n]
+    fm = (np.arange(size) < n).astype(np.float32)
+    logits = restored.logits(f[None], a[None], fm[None])[0]
+    out[start : start + n] = np.asarray(np.argmax(logits, -1))[:n]
+  return out
+
+
+def _write_avss(config, out, name, classes, fps):
+  """Coloured masks, the legend and the overlay video of AVSS classes."""
+  pc = config.predict
+  h, w = _open(pc.video)[1]['size'][::-1]
+  full = np.stack(
+      [
+          cv2.resize(
+              c.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST
+          )
+          for c in classes
+      ]
+  )
+  pal = avss.palette(config.model.num_classes)
+  os.makedirs(os.path.join(out, 'masks'), exist_ok=True)
+  for s, c in enumerate(full if pc.mask_size == 'video' else classes):
+    Image.fromarray(pal[c]).save(
+        os.path.join(out, 'masks', f'{name}_{s + 1:04d}.png')
+    )
+  names = avss.class_names(config.data, config.model.num_classes)
+  present = [int(i) for i in np.unique(full) if i != avss.BACKGROUND]
+  with open(os.path.join(out, 'legend.json'), 'w') as f:
+    json.dump(
+        [dict(index=i, name=names[i], color=pal[i].tolist()) for i in present],
+        f,
+        indent=1,
+    )
+  draw.legend(
+      [names[i] for i in present], pal[present], os.path.join(out, 'legend.png')
+  )
+  video = os.path.join(out, f'{name}_overlay.mp4')
+  paint = lambda frame, c: draw.color_overlay(frame, c, pal)
+  _write_overlay(pc.video, video, full, fps, paint)
+  utils.log(
+      f'{len(classes)} s of {pc.video}: classes '
+      f'{", ".join(names[i] for i in present) or "none (background only)"} -> '
+      f'{out}/masks/*.png, legend.png and {video}'
+  )
+
+
+def _write_overlay(src, dst, masks, fps, paint=draw.overlay):
+  """Every frame of `src` painted with its second's mask (`masks [S, H, W]`,
+  bool, or classes with `paint=draw.color_overlay`-like), muxed with `src`'s
+  audio; the audio is padded with silence where it is shorter than the
+  video."""
   gen, _ = _open(src)
   w, h = masks.shape[2], masks.shape[1]
   r = int(round(fps))
@@ -233,7 +306,7 @@ def _write_overlay(src, dst, masks, fps):
     writer.send(None)
     for i, frame in enumerate(gen):
       s = min(i // r, len(masks) - 1)
-      writer.send(np.ascontiguousarray(draw.overlay(frame, masks[s])))
+      writer.send(np.ascontiguousarray(paint(frame, masks[s])))
     writer.close()
     proc = subprocess.run(
         [

@@ -31,6 +31,7 @@ from avs_jax.models import resnet
 
 # Batch entries that go to the devices (the rest, e.g. clip ids, stay home).
 DEVICE_KEYS = ('frames', 'log_mel', 'audio', 'masks', 'valid')
+DEVICE_KEYS += ('labels', 'gt_mask', 'frame_mask')  # AVSS batches
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -82,11 +83,32 @@ def check_config(config):
           f'{n} devices (global batch); e.g. --config.{field}='
           f'{max(n, bs - bs % n)}'
       )
+  _check_avss(config)
   h, w = records.image_hw(config.data.image_size)
   if h % 32 or w % 32:
     raise ConfigError(
         f'data.image_size={config.data.image_size}: height and '
         'width must be multiples of 32 (the encoders stride 32)'
+    )
+
+
+def _check_avss(config):
+  """The AVSS setting, its loss and a multi-class head go together."""
+  kind = config.loss.get('kind', 'bce')
+  if kind not in ('bce', 'avss'):
+    raise ConfigError(
+        f'loss.kind={kind!r}: run.py trains the AVS model, with loss.kind '
+        'bce (S4/MS3) or avss (AVSegFormer is not trainable here yet, see '
+        'docs/AVSEGFORMER.md)'
+    )
+  avss = config.data.setting == 'avss'
+  classes = config.model.get('num_classes', 1)
+  if avss != (kind == 'avss') or avss != (classes > 1):
+    raise ConfigError(
+        f'data.setting={config.data.setting!r}, loss.kind={kind!r} and '
+        f'model.num_classes={classes} do not fit together: AVSS needs '
+        'setting avss, loss.kind avss and num_classes > 1 (configs/avss.py); '
+        'S4/MS3 need loss.kind bce and one class'
     )
 
 
@@ -323,8 +345,9 @@ class Inference:
     self.variables = place(variables, replicated(self.mesh))
     self.audio_vars = audio_variables(config, self.vggish, self.mesh)
 
-  def logits(self, frames, log_mel):
-    """`frames [B, T, H, W, 3]`, `log_mel [B, T, 96, 64]` -> `[B, T, H, W]`."""
+  def logits(self, frames, log_mel, frame_mask=None):
+    """`frames [B, T, H, W, 3]`, `log_mel [B, T, 96, 64]` -> `[B, T, H, W]`
+    (`[B, T, H, W, K]` for K > 1 classes; AVSS: `frame_mask [B, T]`)."""
     return _logits(
         self.model,
         self.vggish,
@@ -332,6 +355,7 @@ class Inference:
         self.audio_vars,
         frames,
         log_mel,
+        frame_mask,
     )
 
 
@@ -360,14 +384,23 @@ def _check_shapes(variables, abstract, path):
     )
 
 
-def forward(model, vggish, variables, audio_vars, frames, log_mel):
-  """Eval-mode model outputs with VGGish on `log_mel [B, T, 96, 64]`."""
+def forward(
+    model, vggish, variables, audio_vars, frames, log_mel, frame_mask=None
+):
+  """Eval-mode model outputs with VGGish on `log_mel [B, T, 96, 64]`
+  (AVSS: real frames `frame_mask [B, T]`)."""
   audio = vggish.apply(audio_vars, log_mel)
-  return model.apply(variables, frames, audio, train=False)
+  if frame_mask is None:
+    return model.apply(variables, frames, audio, train=False)
+  return model.apply(
+      variables, frames, audio, train=False, frame_mask=frame_mask
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _logits(model, vggish, variables, audio_vars, frames, log_mel):
-  return forward(model, vggish, variables, audio_vars, frames, log_mel)[
-      'logits'
-  ]
+def _logits(
+    model, vggish, variables, audio_vars, frames, log_mel, frame_mask=None
+):
+  return forward(
+      model, vggish, variables, audio_vars, frames, log_mel, frame_mask
+  )['logits']

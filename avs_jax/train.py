@@ -121,6 +121,7 @@ def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
       if 'audio' in batch
       else audio_embeddings(vggish, audio_vars, batch['log_mel'])
   )
+  extra = {'frame_mask': batch['frame_mask']} if 'frame_mask' in batch else {}
   out, new_stats = model.apply(
       {'params': params, 'batch_stats': state.batch_stats},
       batch['frames'],
@@ -130,7 +131,11 @@ def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
       rngs={
           'dropout': jax.random.fold_in(jax.random.key(config.seed), state.step)
       },
+      **extra,
   )
+  if lc.get('kind', 'bce') == 'avss':
+    loss, aux = avss_loss(out, batch, lc)
+    return loss, (aux, new_stats['batch_stats'])
   loss, aux = losses.avs_loss(
       out,
       batch['masks'],
@@ -144,6 +149,22 @@ def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
       avm_pooling=lc.avm_pooling,
   )
   return loss, (aux, new_stats['batch_stats'])
+
+
+def avss_loss(out, batch, lc):
+  """`(loss, aux)` of the AVSS setting: CE over classes + AVM (`losses`)."""
+  return losses.avss_loss(
+      out,
+      batch['labels'],
+      batch['gt_mask'],
+      avm_weight=lc.avm_weight,
+      avm_stages=tuple(lc.avm_stages),
+      avm_loss=lc.avm_loss,
+      avm_closer=lc.avm_closer,
+      avm_threshold=lc.avm_threshold,
+      avm_norm=lc.avm_norm,
+      avm_pooling=lc.avm_pooling,
+  )
 
 
 def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
@@ -165,12 +186,8 @@ def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
       batch_stats=batch_stats,
       opt_state=opt_state,
   )
-  return new_state, {
-      'loss': loss,
-      'bce': aux['bce'],
-      'avm': aux['avm'],
-      'grad_norm': optax.tree.norm(grads),
-  }
+  # aux: 'bce' and 'avm' (S4/MS3), 'ce' and 'avm' (AVSS)
+  return new_state, dict(loss=loss, **aux, grad_norm=optax.tree.norm(grads))
 
 
 def state_loss(state, batch, audio_vars, *, model, vggish, config):
@@ -232,6 +249,7 @@ class Schedule:
   eval_every: int
   checkpoint_every: int
   log_every: int
+  eval_start: int = 0  # no validation before this step (train.eval_start_epoch)
 
   @classmethod
   def of(cls, config, num_train):
@@ -251,10 +269,12 @@ class Schedule:
         eval_every,
         tc.checkpoint_every or eval_every,
         tc.log_every,
+        per_epoch * tc.get('eval_start_epoch', 0),
     )
 
   def is_eval(self, step):
-    return step % self.eval_every == 0 or step == self.total
+    due = step % self.eval_every == 0 and step >= self.eval_start
+    return due or step == self.total
 
   def is_save(self, step):
     return self.is_eval(step) or step % self.checkpoint_every == 0

@@ -24,7 +24,8 @@ def base_config():
   c.data = ml_collections.ConfigDict(
       dict(
           dir='data/avsbench_tfds',  # the --out of `python -m data_prep.avsbench`
-          setting='s4',  # 's4' | 'ms3'
+          setting='s4',  # 's4' | 'ms3' | 'avss'
+          label2idx='',  # AVSS class names (default: the shards' class_names.json)
           image_size=224,
           num_workers=4,  # grain worker processes per host (0: inline)
           synthetic=ml_collections.ConfigDict(
@@ -68,12 +69,14 @@ def base_config():
           log_every=50,
           checkpoint_every=0,  # steps; 0: at each validation (every epoch)
           eval_every_epochs=1,
+          eval_start_epoch=0,  # no validation before this epoch (AVSS: 15)
           keep=2,  # last K checkpoints kept, plus the best by val J
       )
   )
 
   c.loss = ml_collections.ConfigDict(
       dict(
+          kind='bce',  # 'bce' (S4/MS3) | 'avss' (cross-entropy over classes)
           avm_weight=0.0,  # lambda; MS3: 0.5
           avm_stages=(),  # MS3: (0, 1, 2, 3)
           avm_loss='kl',  # 'kl' | 'euclidean'

@@ -140,10 +140,10 @@ class _Object:
     return self.center + t * self.velocity
 
 
-def _place_objects(rng, classes, size):
-  """Non-overlapping drifting objects, inside the frame in all 5 frames."""
+def _place_objects(rng, classes, size, num_frames=NUM_FRAMES):
+  """Non-overlapping drifting objects, inside the frame in all frames."""
   objects = []
-  times = np.arange(NUM_FRAMES)[:, None]
+  times = np.arange(num_frames)[:, None]
   for cls in classes:
     radius = size * rng.uniform(0.13, 0.17)
     for attempt in range(1000):
@@ -173,13 +173,13 @@ def _background(rng, size):
   return np.asarray(field, np.float32)
 
 
-def render_clip(rng, objects, size):
-  """Five frames uint8 [5, S, S, 3] and object masks bool [5, K, S, S]."""
+def render_clip(rng, objects, size, num_frames=NUM_FRAMES):
+  """Frames uint8 [T, S, S, 3] and object masks bool [T, K, S, S] (T = 5)."""
   background = _background(rng, size)
   grid = np.arange(size, dtype=np.float32) + 0.5
-  frames = np.empty((NUM_FRAMES, size, size, 3), np.uint8)
-  masks = np.zeros((NUM_FRAMES, len(objects), size, size), bool)
-  for t in range(NUM_FRAMES):
+  frames = np.empty((num_frames, size, size, 3), np.uint8)
+  masks = np.zeros((num_frames, len(objects), size, size), bool)
+  for t in range(num_frames):
     img = background.copy()
     for k, obj in enumerate(objects):
       cy, cx = obj.at(t)
@@ -239,20 +239,21 @@ def _smooth(x, width):
   return (c[width:] - c[:-width]) / width
 
 
-def segment_of_sample(n=NUM_SAMPLES):
-  """int [n]: which second (VGGish example window, 0..4) each sample is in."""
+def segment_of_sample(n=NUM_SAMPLES, num_frames=NUM_FRAMES):
+  """int [n]: which second (VGGish example window, 0..T-1) each sample is in."""
   return np.minimum(
-      np.arange(n) // round(SEGMENT_SECONDS * SAMPLE_RATE), NUM_FRAMES - 1
+      np.arange(n) // round(SEGMENT_SECONDS * SAMPLE_RATE), num_frames - 1
   )
 
 
 def mix_audio(rng, objects, sounding):
-  """int16 [80000]: the sounding objects' sounds, second by second.
+  """int16 [T * 16000]: the sounding objects' sounds, second by second.
 
-  `sounding`: per second, a set of indices into `objects`.
+  `sounding`: per second, a set of indices into `objects` (T = 5 seconds).
   """
-  seg = segment_of_sample()
-  mix = 3e-4 * rng.standard_normal(NUM_SAMPLES)
+  n = len(sounding) * SAMPLE_RATE
+  seg = segment_of_sample(n, len(sounding))
+  mix = 3e-4 * rng.standard_normal(n)
   for k, obj in enumerate(objects):
     on = np.array([k in s for s in sounding])
     if not on.any():
@@ -261,7 +262,7 @@ def mix_audio(rng, objects, sounding):
     mix += (
         gain
         * _smooth(on[seg].astype(np.float64), 160)
-        * class_sound(rng, obj.cls)
+        * class_sound(rng, obj.cls, n)
     )
   return np.round(np.clip(mix, -1, 1) * 32767).astype(np.int16)
 

@@ -178,3 +178,106 @@ def test_bad_videos_give_clear_errors(setup, kind):
   with pytest.raises(predict.VideoError, match=expect) as e:
     predict.predict_video(c, str(tmp))
   assert path in str(e.value)
+
+
+# ---------------------------------------------------------------------------
+# AVSS: coloured class masks with a legend, from a converted checkpoint.
+
+
+@pytest.fixture(scope='module')
+def avss_setup(tmp_path_factory):
+  """A small random AVSS model saved as the official release is (a PyTorch
+  state dict, here .npz) and converted by `avs_jax.convert`, plus a
+  label2idx.json with its own names."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from avs_jax import avss  # pylint: disable=g-import-not-at-top
+  from avs_jax import convert  # pylint: disable=g-import-not-at-top
+  from configs import avss as avss_config  # pylint: disable=g-import-not-at-top
+
+  tmp = tmp_path_factory.mktemp('predict_avss')
+  c = avss_config.get_config('resnet_tiny')
+  c.model.channels, c.model.head_channels = 16, 8
+  c.data.image_size = 32
+  c.data.dir = str(tmp / 'no_data')
+  model = build_model(c.model)
+  variables = jax.device_get(
+      model.init(
+          jax.random.key(1),
+          jnp.zeros((1, 10, 32, 32, 3)),
+          jnp.zeros((1, 10, 128)),
+      )
+  )
+  np.savez(str(tmp / 'official.npz'), **avss.flax_to_torch(variables, c.model))
+  convert.to_orbax(str(tmp / 'official.npz'), str(tmp / 'ckpt'), c.model)
+  names = {f'name_{i:02d}': i for i in range(71)}
+  with open(tmp / 'label2idx.json', 'w') as f:
+    json.dump(names, f)
+  c.data.label2idx = str(tmp / 'label2idx.json')
+  c.predict.restore = str(tmp / 'ckpt')
+  return c, tmp, model, variables
+
+
+def _expected_classes(c, model, variables, video):
+  """argmax of the model on the sampled seconds: one 10-frame window, the
+  seconds past the video padded with zero frames under a frame mask of 0."""
+  from avs_jax import runtime  # pylint: disable=g-import-not-at-top
+
+  frames, _, seconds = predict.sample_seconds(video, 32)
+  examples = predict.audio_examples(video, seconds)
+  _, vggish = runtime.build(c)
+  audio_vars = jax.device_get(
+      runtime.audio_variables(c, vggish, runtime.local_mesh())
+  )
+  f = np.zeros((1, 10, 32, 32, 3), np.float32)
+  a = np.zeros((1, 10, 96, 64), np.float32)
+  f[0, :seconds], a[0, :seconds] = frames, examples
+  fm = (np.arange(10) < seconds).astype(np.float32)[None]
+  out = model.apply(variables, f, vggish.apply(audio_vars, a), frame_mask=fm)
+  return np.asarray(jnp.argmax(out['logits'], -1))[0, :seconds]
+
+
+def test_avss_predict_writes_coloured_masks_and_legend(avss_setup):
+  import json  # pylint: disable=g-import-not-at-top
+
+  from avs_jax import avss  # pylint: disable=g-import-not-at-top
+
+  c, tmp, model, variables = avss_setup
+  c = c.copy_and_resolve_references()
+  c.predict.video = _video(str(tmp / 'clip.mp4'), 7)
+  c.predict.out = str(tmp / 'out')
+  c.predict.mask_size = 'model'
+  out = predict.predict_video(c, str(tmp))
+  want = _expected_classes(c, model, variables, c.predict.video)
+  pal = avss.palette()
+  masks = sorted(os.listdir(os.path.join(out, 'masks')))
+  assert masks == [f'clip_{s:04d}.png' for s in range(1, 8)]
+  for s, name in enumerate(masks):
+    got = np.asarray(Image.open(os.path.join(out, 'masks', name)))
+    assert got.shape == (32, 32, 3)
+    np.testing.assert_array_equal(got, pal[want[s]])
+  with open(os.path.join(out, 'legend.json')) as f:
+    legend = json.load(f)
+  assert legend, 'the random model predicts some non-background class'
+  assert [e['index'] for e in legend] == sorted(set(np.unique(want)) - {0})
+  for e in legend:
+    assert e['name'] == f'name_{e["index"]:02d}'  # from label2idx.json
+    assert e['color'] == pal[e['index']].tolist()
+  assert Image.open(os.path.join(out, 'legend.png')).size[1] >= 18 * len(legend)
+  gen = imageio_ffmpeg.read_frames(os.path.join(out, 'clip_overlay.mp4'))
+  assert tuple(next(gen)['size']) == (64, 48)
+  assert sum(1 for _ in gen) == 70  # every frame of the source
+
+
+def test_avss_predict_masks_at_video_size_are_palette_colours(avss_setup):
+  from avs_jax import avss  # pylint: disable=g-import-not-at-top
+
+  c, tmp, _, _ = avss_setup
+  c = c.copy_and_resolve_references()
+  c.predict.video = _video(str(tmp / 'three.mp4'), 3)
+  c.predict.out = str(tmp / 'three_out')
+  out = predict.predict_video(c, str(tmp))
+  got = np.asarray(Image.open(os.path.join(out, 'masks', 'three_0001.png')))
+  assert got.shape == (48, 64, 3)
+  colours = {tuple(x) for x in got.reshape(-1, 3)}
+  assert colours <= {tuple(x) for x in avss.palette().tolist()}
