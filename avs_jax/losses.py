@@ -283,6 +283,32 @@ def bce_loss(
   )
 
 
+def _check_avm_options(avm_loss, avm_pooling, avm_closer, avm_threshold):
+  """ValueError for an AVM option the reference does not have."""
+  if avm_loss not in ('kl', 'euclidean'):
+    raise ValueError(f'avm_loss must be "kl" or "euclidean", got {avm_loss!r}')
+  if avm_pooling not in ('avg', 'max'):
+    raise ValueError(f'avm_pooling must be "avg" or "max", got {avm_pooling!r}')
+  if avm_closer and avm_threshold:
+    raise ValueError(
+        'avm_threshold does not apply to avm_closer (the '
+        'reference closer_loss has no thresholding).'
+    )
+
+
+def _avm_inputs(outputs, stages):
+  """`(visual_maps, audio_features)` of the model outputs, checked for
+  `stages`."""
+  v_maps, a_feas = outputs.get('visual_maps'), outputs.get('audio_features')
+  if v_maps is None or a_feas is None or any(a_feas[s] is None for s in stages):
+    raise ValueError(
+        'avm_stages needs outputs["visual_maps"] and outputs["audio_features"]'
+        ' of those stages (TPAVI audio-visual blocks there; audio_features is'
+        ' None when the model has none).'
+    )
+  return v_maps, a_feas
+
+
 def avs_loss(
     outputs: Mapping[str, Any],
     masks: Array,
@@ -323,27 +349,13 @@ def avs_loss(
     (loss, aux) with scalar ``loss`` and ``aux = {'bce': ..., 'avm': ...}``.
   """
   # long: one argument and one branch per loss option of the reference.
-  if avm_loss not in ('kl', 'euclidean'):
-    raise ValueError(f'avm_loss must be "kl" or "euclidean", got {avm_loss!r}')
-  if avm_pooling not in ('avg', 'max'):
-    raise ValueError(f'avm_pooling must be "avg" or "max", got {avm_pooling!r}')
-  if avm_closer and avm_threshold:
-    raise ValueError(
-        'avm_threshold does not apply to avm_closer (the '
-        'reference closer_loss has no thresholding).'
-    )
+  _check_avm_options(avm_loss, avm_pooling, avm_closer, avm_threshold)
   logits = outputs['logits']
   bce = bce_loss(logits, masks, setting=setting, labelled=labelled)
 
   stages = tuple(avm_stages)
   if stages:
-    v_maps, a_feas = outputs.get('visual_maps'), outputs.get('audio_features')
-    if v_maps is None or a_feas is None:
-      raise ValueError(
-          'avm_stages needs outputs["visual_maps"] and '
-          'outputs["audio_features"] (audio_features is None: '
-          'the model has no audio-visual TPAVI blocks).'
-      )
+    v_maps, a_feas = _avm_inputs(outputs, stages)
     per_stage = []
     for s in stages:
       if avm_closer:
@@ -497,32 +509,14 @@ def avss_loss(
   Returns:
     (loss, {'ce': ..., 'avm': ...}).
   """
-  if avm_loss not in ('kl', 'euclidean'):
-    raise ValueError(f'avm_loss must be "kl" or "euclidean", got {avm_loss!r}')
-  if avm_pooling not in ('avg', 'max'):
-    raise ValueError(f'avm_pooling must be "avg" or "max", got {avm_pooling!r}')
-  if avm_closer and avm_threshold:
-    raise ValueError(
-        'avm_threshold does not apply to avm_closer (the '
-        'reference closer_loss has no thresholding).'
-    )
+  _check_avm_options(avm_loss, avm_pooling, avm_closer, avm_threshold)
   logits = outputs['logits']
   if logits.ndim != 5:
     raise ValueError(f'AVSS logits must be [B, T, H, W, K], got {logits.shape}')
   ce = avss_ce_loss(logits, labels, gt_mask)
   stages = tuple(avm_stages)
   if stages:
-    v_maps, a_feas = outputs.get('visual_maps'), outputs.get('audio_features')
-    if (
-        v_maps is None
-        or a_feas is None
-        or any(a_feas[s] is None for s in stages)
-    ):
-      raise ValueError(
-          'avm_stages needs outputs["visual_maps"] and '
-          'outputs["audio_features"] of those stages (TPAVI '
-          'audio-visual blocks there).'
-      )
+    v_maps, a_feas = _avm_inputs(outputs, stages)
     fg = jax.lax.stop_gradient(
         (jnp.argmax(logits, axis=-1) != 0).astype(jnp.float32)
     )
