@@ -28,25 +28,30 @@ SILENT_LOG_MEL = float(np.log(0.01))
 AUDIO_MODES = ('true', 'shuffled', 'silent')
 
 
-def break_audio(log_mel, valid, mode, previous=None):
-  """Applies `eval.audio` to a host batch's `log_mel [B, T, 96, 64]`."""
+def break_audio(audio, valid, mode, previous=None, silent=None):
+  """Applies `eval.audio` to a host batch's `log_mel [B, T, 96, 64]`, or to
+  its VGGish embeddings `[B, T, 128]` given the embedding of silence
+  (`silent`, `[128]`)."""
   if mode == 'true':
-    return log_mel
+    return audio
   if mode == 'silent':
-    return np.full_like(log_mel, SILENT_LOG_MEL)
+    if silent is None:
+      return np.full_like(audio, SILENT_LOG_MEL)
+    return np.broadcast_to(silent, audio.shape).astype(audio.dtype)
   if mode != 'shuffled':
     raise ValueError(f'eval.audio must be one of {AUDIO_MODES}, got {mode!r}')
-  out = log_mel.copy()
+  out = audio.copy()
   idx = np.flatnonzero(valid)
   if len(idx) > 1:
-    out[idx] = log_mel[np.roll(idx, -1)]
+    out[idx] = audio[np.roll(idx, -1)]
   elif len(idx) == 1 and previous is not None:
     out[idx] = previous[0]
   return out
 
 
 def eval_step(variables, audio_vars, batch, *, model, vggish):
-  """Metrics of one global batch and its predictions.
+  """Metrics of one global batch and its predictions (audio: `log_mel`, or
+  precomputed VGGish embeddings `audio`).
 
   S4/MS3: `metrics.clip_metrics` and the logits `[B, T, H, W]`. AVSS (the
   batch has `labels`): `metrics.avss_clip_metrics` and the predicted class
@@ -58,7 +63,7 @@ def eval_step(variables, audio_vars, batch, *, model, vggish):
       variables,
       audio_vars,
       batch['frames'],
-      batch['log_mel'],
+      batch['audio'] if 'audio' in batch else batch['log_mel'],
       batch.get('frame_mask'),
   )
   if 'labels' in batch:
@@ -75,7 +80,8 @@ class Evaluator:
 
   def __init__(self, config, model, vggish, mesh, audio_vars):
     self.config = config
-    self.audio_vars = audio_vars
+    self.vggish, self.audio_vars = vggish, audio_vars
+    self.tables = {}  # (setting, split) -> {clip id: [T, 128]}
     self.sharding = runtime.batch_sharding(mesh)
     self.step = utils.CompileThenMeet(
         jax.jit(
@@ -107,12 +113,16 @@ class Evaluator:
         process_count=nproc,
     )
     total = -(-data_lib.num_examples(c.data.dir, setting, split) // bs)
+    table, silent = self._embeddings(setting, split, audio)
     acc, previous = None, None
     for host in utils.progress(total, 0, desc or f'eval {split}', iterable=ds):
-      log_mel = break_audio(host['log_mel'], host['valid'], audio, previous)
+      if table is not None:  # embeddings in place of log-mel, same step
+        host = runtime.with_audio(host, table)
+      key = 'log_mel' if table is None else 'audio'
+      x = break_audio(host[key], host['valid'], audio, previous, silent)
       if np.any(host['valid']):
-        previous = host['log_mel'][np.asarray(host['valid'], bool)]
-      batch = runtime.to_device(dict(host, log_mel=log_mel), self.sharding)
+        previous = host[key][np.asarray(host['valid'], bool)]
+      batch = runtime.to_device(dict(host, **{key: x}), self.sharding)
       m, pred = self.step(variables, self.audio_vars, batch)
       acc = metrics_lib.merge_metrics(acc, m)
       if out_dir is not None and setting == 'avss':
@@ -122,6 +132,22 @@ class Evaluator:
     if setting == 'avss':
       return metrics_lib.avss_summarize(acc, avss.class_names(c.data))
     return metrics_lib.summarize(acc)
+
+  def _embeddings(self, setting, split, audio):
+    """`(table, silent)`: with `audio.precompute`, the split's VGGish
+    embeddings (computed once per split) and, for silent audio, the
+    embedding of silence `[128]`; else `(None, None)`."""
+    if not self.config.audio.precompute:
+      return None, None
+    if (setting, split) not in self.tables:
+      self.tables[setting, split] = runtime.embedding_table(
+          self.config, self.vggish, self.audio_vars, split, setting
+      )
+    silent = None
+    if audio == 'silent':
+      embed = runtime.local_embedder(self.vggish, self.audio_vars)
+      silent = embed(np.full((1, 1, 96, 64), SILENT_LOG_MEL, np.float32))[0, 0]
+    return self.tables[setting, split], silent
 
 
 def local_rows(x):
@@ -186,18 +212,35 @@ def result_name(split, audio):
 
 def evaluate_checkpoint(config, workdir, path, split=None, audio=None):
   """Restores `path` and writes `WORKDIR/eval_{split}[_{audio}].json`."""
-  split = split or config.eval.split
-  audio = audio or config.eval.audio
   restored = runtime.Inference(config, path)
-  evaluator = Evaluator(
+  return _evaluate(
+      config,
+      workdir,
+      restored,
+      _evaluator(config, restored),
+      split or config.eval.split,
+      audio or config.eval.audio,
+  )
+
+
+def _evaluator(config, restored):
+  return Evaluator(
       config,
       restored.model,
       restored.vggish,
       restored.mesh,
       restored.audio_vars,
   )
-  save = config.eval.save_masks or config.eval.save_overlays
-  out_dir = os.path.join(workdir, f'predictions_{split}') if save else None
+
+
+def _evaluate(config, workdir, restored, evaluator, split, audio, pngs=True):
+  """Evaluates the restored model, writes the JSON; PNGs (if configured and
+  `pngs`) to `predictions_{split}[_{audio}]`."""
+  ec = config.eval
+  out_dir = None
+  if pngs and (ec.save_masks or ec.save_overlays):
+    name = f'predictions_{split}' + ('' if audio == 'true' else f'_{audio}')
+    out_dir = os.path.join(workdir, name)
   res = evaluator.run(
       restored.variables,
       config.data.setting,
@@ -243,8 +286,13 @@ def report(config, workdir, results):
   step = results['checkpoint_step']
   ckpt = os.path.join(workdir, 'checkpoints', str(step))
   res = {'true': results}
-  for audio in AUDIO_MODES[1:]:
-    res[audio] = evaluate_checkpoint(config, workdir, ckpt, audio=audio)
+  restored = runtime.Inference(config, ckpt)
+  evaluator = _evaluator(config, restored)  # one VGGish pass (precompute)
+  split = config.eval.split
+  for audio in AUDIO_MODES[1:]:  # pictures only of the true audio's masks
+    res[audio] = _evaluate(
+        config, workdir, restored, evaluator, split, audio, pngs=False
+    )
   grid = _grid_arrays(config, ckpt)
   if jax.process_index() == 0:
     draw.training_curve(

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from avs_jax import checkpoint as ckpt_lib
+from avs_jax import data as data_lib
 from avs_jax import torch_weights
 from avs_jax import utils
 from avs_jax.data import records
@@ -384,12 +385,70 @@ def _check_shapes(variables, abstract, path):
     )
 
 
+def audio_embeddings(vggish, audio_vars, log_mel):
+  """`[B, T, 96, 64]` -> `[B, T, 128]`, frozen."""
+  return jax.lax.stop_gradient(vggish.apply(audio_vars, log_mel))
+
+
+def local_embedder(vggish, audio_vars):
+  """Host log-mel `[B, T, 96, 64]` -> numpy `[B, T, 128]` on this process's
+  first device (no collectives)."""
+  apply = jax.jit(functools.partial(audio_embeddings, vggish))
+  local_vars = jax.tree_util.tree_map(
+      lambda x: x.addressable_data(0), audio_vars
+  )
+  return lambda log_mel: np.asarray(apply(local_vars, log_mel))
+
+
+def embedding_table(config, vggish, audio_vars, split='train', setting=None):
+  """`{clip id: [T, 128]}`: the frozen VGGish run once over a split.
+
+  Every process computes the whole split on its local devices (no
+  collectives); VGGish has no batch-dependent ops, so the embeddings are
+  those the train or eval step would compute from the clip's log-mel.
+  """
+  dc, bs = config.data, config.eval.batch_size
+  setting = setting or dc.setting
+  embed = local_embedder(vggish, audio_vars)
+  ds = data_lib.eval_dataset(
+      dc.dir,
+      setting,
+      split,
+      batch_size=bs,
+      image_size=dc.image_size,
+      num_workers=dc.num_workers,
+      process_index=0,
+      process_count=1,
+  )
+  total = -(-data_lib.num_examples(dc.dir, setting, split) // bs)
+  table = {}
+  for batch in utils.progress(total, 0, f'VGGish on {split}', iterable=ds):
+    for i, e, ok in zip(batch['id'], embed(batch['log_mel']), batch['valid']):
+      if ok:
+        table[str(i)] = e
+  return table
+
+
+def with_audio(batch, table):
+  """The batch with `audio` `[B, T, 128]` from `table` in place of `log_mel`
+  (zeros for padding rows, `valid` False)."""
+  batch = dict(batch)
+  log_mel = batch.pop('log_mel')
+  valid = batch.get('valid', np.ones(len(log_mel), bool))
+  zeros = np.zeros(log_mel.shape[1:2] + (128,), np.float32)
+  batch['audio'] = np.stack(
+      [table[str(i)] if ok else zeros for i, ok in zip(batch['id'], valid)]
+  )
+  return batch
+
+
 def forward(
     model, vggish, variables, audio_vars, frames, log_mel, frame_mask=None
 ):
-  """Eval-mode model outputs with VGGish on `log_mel [B, T, 96, 64]`
-  (AVSS: real frames `frame_mask [B, T]`)."""
-  audio = vggish.apply(audio_vars, log_mel)
+  """Eval-mode model outputs with VGGish on `log_mel [B, T, 96, 64]`, or
+  precomputed embeddings `[B, T, 128]` in its place (AVSS: real frames
+  `frame_mask [B, T]`)."""
+  audio = log_mel if log_mel.ndim == 3 else vggish.apply(audio_vars, log_mel)
   if frame_mask is None:
     return model.apply(variables, frames, audio, train=False)
   return model.apply(

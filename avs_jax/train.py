@@ -64,51 +64,6 @@ def make_optimizer(tc, total_steps):
   return opt, lr
 
 
-def audio_embeddings(vggish, audio_vars, log_mel):
-  """`[B, T, 96, 64]` -> `[B, T, 128]`, frozen."""
-  return jax.lax.stop_gradient(vggish.apply(audio_vars, log_mel))
-
-
-def embedding_table(config, vggish, audio_vars, split='train'):
-  """`{clip id: [T, 128]}`: the frozen VGGish run once over a split.
-
-  Every process computes the whole split on its local devices (no
-  collectives); VGGish has no batch-dependent ops, so the embeddings are
-  those the train step would compute from the clip's log-mel.
-  """
-  dc, bs = config.data, config.eval.batch_size
-  apply = jax.jit(functools.partial(audio_embeddings, vggish))
-  local_vars = jax.tree_util.tree_map(
-      lambda x: x.addressable_data(0), audio_vars
-  )
-  ds = data_lib.eval_dataset(
-      dc.dir,
-      dc.setting,
-      split,
-      batch_size=bs,
-      image_size=dc.image_size,
-      num_workers=dc.num_workers,
-      process_index=0,
-      process_count=1,
-  )
-  total = -(-data_lib.num_examples(dc.dir, dc.setting, split) // bs)
-  table = {}
-  for batch in utils.progress(total, 0, f'VGGish on {split}', iterable=ds):
-    emb = np.asarray(apply(local_vars, batch['log_mel']))
-    for i, e, ok in zip(batch['id'], emb, batch['valid']):
-      if ok:
-        table[str(i)] = e
-  return table
-
-
-def with_audio(batch, table):
-  """The batch with `audio` `[B, T, 128]` from `table` in place of `log_mel`."""
-  batch = dict(batch)
-  del batch['log_mel']
-  batch['audio'] = np.stack([table[str(i)] for i in batch['id']])
-  return batch
-
-
 def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
   """`(loss, (aux, new batch_stats))` of a global batch in train mode.
 
@@ -119,7 +74,7 @@ def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
   audio = (
       batch['audio']
       if 'audio' in batch
-      else audio_embeddings(vggish, audio_vars, batch['log_mel'])
+      else runtime.audio_embeddings(vggish, audio_vars, batch['log_mel'])
   )
   extra = {'frame_mask': batch['frame_mask']} if 'frame_mask' in batch else {}
   out, new_stats = model.apply(
@@ -365,7 +320,7 @@ def train_and_evaluate(config, workdir):
   optimizer, lr_fn = make_optimizer(tc, sched.total)
   audio_vars = runtime.audio_variables(config, vggish, mesh)
   table = (
-      embedding_table(config, vggish, audio_vars)
+      runtime.embedding_table(config, vggish, audio_vars)
       if config.audio.precompute
       else None
   )
@@ -390,7 +345,8 @@ def train_and_evaluate(config, workdir):
     for step in range(start, sched.total):
       host = next(train_iter)
       batch = runtime.to_device(
-          with_audio(host, table) if table is not None else host, sharding
+          runtime.with_audio(host, table) if table is not None else host,
+          sharding,
       )
       state, metrics = step_fn(state, batch, audio_vars)
       if loop.after_step(
