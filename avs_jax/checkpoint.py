@@ -109,16 +109,26 @@ def check_fits(mngr, step, abstract_state):
   """Raises CheckpointError when the saved shapes are not the model's."""
   meta = mngr.item_metadata(step)['state']
   meta = getattr(meta, 'tree', meta)
+  model = lambda t: {c: t[c] for c in ('params', 'batch_stats')}
+  check_shapes(
+      model(meta),
+      model(abstract_state),
+      os.path.join(str(mngr.directory), str(step)),
+      ' Use the config it was trained with, or another workdir.',
+  )
 
-  def shapes(tree):  # the model's variables (the optimizer state follows)
+
+def check_shapes(saved, want, path, advice=''):
+  """CheckpointError naming `path` unless the trees `saved` and `want` have
+  the same leaves and shapes (up to 3 differences shown)."""
+
+  def shapes(tree):
     return {
         jax.tree_util.keystr(k): tuple(v.shape)
-        for k, v in jax.tree_util.tree_leaves_with_path(
-            {c: tree[c] for c in ('params', 'batch_stats')}
-        )
+        for k, v in jax.tree_util.tree_leaves_with_path(tree)
     }
 
-  saved, want = shapes(meta), shapes(abstract_state)
+  saved, want = shapes(saved), shapes(want)
   if saved == want:
     return
   diff = (
@@ -130,9 +140,8 @@ def check_fits(mngr, step, abstract_state):
       ][:3]
   )
   raise CheckpointError(
-      f'{os.path.join(str(mngr.directory), str(step))} does not fit the model '
-      f'of this config (another model size or backbone?): {"; ".join(diff)}. '
-      'Use the config it was trained with, or another workdir.'
+      f'{path} does not fit the model of this config (another model size or '
+      f'backbone?): {"; ".join(diff)}.{advice}'
   )
 
 

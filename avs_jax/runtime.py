@@ -338,7 +338,7 @@ class Inference:
         'params': restored['params'],
         'batch_stats': restored['batch_stats'],
     }
-    _check_shapes(
+    ckpt_lib.check_shapes(
         variables,
         jax.eval_shape(lambda: init_variables(config, self.model)),
         path,
@@ -357,31 +357,6 @@ class Inference:
         frames,
         log_mel,
         frame_mask,
-    )
-
-
-def _check_shapes(variables, abstract, path):
-  """CheckpointError unless `variables` has the shapes of `abstract`."""
-
-  def shapes(tree):
-    return {
-        jax.tree_util.keystr(k): tuple(v.shape)
-        for k, v in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-  have, want = shapes(variables), shapes(abstract)
-  if have != want:
-    diff = (
-        sorted(set(have) ^ set(want))[:3]
-        + [
-            f'{k}: checkpoint {have[k]}, model {want[k]}'
-            for k in sorted(set(have) & set(want))
-            if have[k] != want[k]
-        ][:3]
-    )
-    raise ckpt_lib.CheckpointError(
-        f'{path} does not fit the model of this config (another model size or '
-        f'backbone?): {"; ".join(diff)}'
     )
 
 
