@@ -96,3 +96,17 @@ def test_spatial_reduction_is_the_strided_conv():
   )
   want = lambda v, x: conv.apply(v, x).reshape(2, -1, 5)
   assert_close(grads(ours, v, x), grads(want, v, x), 1e-5)
+
+
+def test_mlp_bfloat16_gradients_follow_float32():
+  """bf16 compute (float32 parameters): the custom gradient's dtypes line up."""
+  n, h, w, c, hidden = 2, 4, 4, 8, 32
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((n, h * w, c)))
+  v = perturbed(pvt.Mlp(hidden).init(jax.random.key(0), x, h, w))
+  out = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    mlp = pvt.Mlp(hidden, dtype)
+    out[dtype] = grads(lambda v, x: mlp.apply(v, x, h, w), v, x)
+  for a, b in zip(*(jax.tree_util.tree_leaves(out[d]) for d in out)):
+    assert a.dtype == b.dtype == jnp.float32
+    assert rel(b, a) < 3e-2, rel(b, a)
