@@ -236,3 +236,38 @@ def test_prepare_of_a_wrong_root_is_one_line(tmp_path):
   )
   assert p.returncode == 2
   assert p.stderr.count('\n') == 1 and 'label2idx.json' in p.stderr
+
+
+def test_synthetic_avss_labels_only_the_sounding_objects():
+  """In the AVSS demo's clips, a class is labelled in a second exactly when
+  its sound band carries energy in that second's audio (the labels need
+  the audio), and the subsets have their frame counts."""
+  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+  from data_prep import synthetic_avss  # pylint: disable=g-import-not-at-top
+
+  checked = 0
+  for index in range(9):
+    clip = synthetic_avss.make_clip(0, index, 64)
+    t = 10 if clip['subset'] == 'v2' else 5
+    assert clip['subset'] == ('v1s', 'v1m', 'v2')[index % 3]
+    assert clip['frames'].shape == (t, 64, 64, 3)
+    assert len(clip['audio']) == t * 16000
+    if clip['subset'] == 'v1s':  # one source for the whole clip
+      assert len(set(np.unique(clip['labels'])) - {0}) <= 1
+    audio = clip['audio'].astype(np.float64) / 32767
+    hop = int(0.96 * 16000)
+    for s in range(t):
+      seg = audio[s * hop + 800 : (s + 1) * hop - 800]  # away from ramps
+      spec = np.abs(np.fft.rfft(seg)) ** 2
+      freqs = np.fft.rfftfreq(len(seg), 1 / 16000)
+      labelled = set(np.unique(clip['labels'][s]).tolist()) - {0}
+      for i, cls in enumerate(synthetic.CLASSES, start=1):
+        lo, hi = cls.band
+        # The band's power (Parseval); the noise floor is ~1e-7 in all.
+        power = 2 * spec[(freqs >= lo) & (freqs <= hi)].sum() / len(seg) ** 2
+        if i in labelled:
+          assert power > 1e-4, (index, s, cls.name, power)
+          checked += 1
+        else:
+          assert power < 1e-5, (index, s, cls.name, power)
+  assert checked > 20
