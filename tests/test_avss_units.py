@@ -192,3 +192,21 @@ def test_tiny_avss_model_learns_masked_clips():
   miou1 = metrics.avss_summarize(metrics.merge_metrics(None, m1))['miou']
   assert float(ce1) < 0.5 * float(ce0), (ce0, ce1)
   assert miou1 > 0.6 and miou1 > miou0 + 0.2, (miou0, miou1)
+
+
+def test_validation_starts_at_eval_start_epoch():
+  """configs/avss.py: validation after every 2nd epoch (at 2, 4, ...) once
+  15 epochs are done, and always at the last step; without
+  eval_start_epoch from the first (the S4/MS3 schedule)."""
+  from avs_jax import train  # pylint: disable=g-import-not-at-top
+
+  c = avss_config.get_config('resnet_tiny')
+  c.train.num_epochs = 20
+  sched = train.Schedule.of(c, num_train=40)  # 10 steps per epoch
+  evals = [s for s in range(1, sched.total + 1) if sched.is_eval(s)]
+  assert evals == [160, 180, 200]
+  c.train.eval_start_epoch = 0
+  sched = train.Schedule.of(c, num_train=40)
+  assert [s for s in range(1, 201) if sched.is_eval(s)] == list(
+      range(20, 201, 20)
+  )
