@@ -25,6 +25,7 @@ from avs_jax import data as data_lib
 from avs_jax import torch_weights
 from avs_jax import utils
 from avs_jax.data import records
+from avs_jax.models import avsegformer
 from avs_jax.models import build_model
 from avs_jax.models import build_vggish
 from avs_jax.models import pvt
@@ -34,6 +35,8 @@ from avs_jax.models import resnet
 DEVICE_KEYS = ('frames', 'log_mel', 'audio', 'masks', 'valid')
 DEVICE_KEYS += ('labels', 'gt_mask', 'frame_mask')  # AVSS batches
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# model.name -> the loss.kind values it trains with.
+MODEL_LOSSES = {'avs': ('bce', 'avss'), 'avsegformer': ('avsegformer',)}
 
 
 @flax.struct.dataclass
@@ -93,17 +96,47 @@ def check_config(config):
     )
 
 
+def model_name(config):
+  """`config.model.name`: 'avs' (the TPAVI model, the default) or
+  'avsegformer'."""
+  return config.model.get('name', 'avs')
+
+
+def _check_model(config):
+  """The model and its loss go together (`MODEL_LOSSES`)."""
+  name, kind = model_name(config), config.loss.get('kind', 'bce')
+  if name not in MODEL_LOSSES:
+    raise ConfigError(
+        f'model.name={name!r}: choose one of {", ".join(MODEL_LOSSES)}'
+    )
+  if kind not in MODEL_LOSSES[name]:
+    raise ConfigError(
+        f'loss.kind={kind!r} does not fit model.name={name!r}: use loss.kind '
+        f'{" or ".join(MODEL_LOSSES[name])} (configs/avsegformer_*.py set '
+        'model.name avsegformer with loss.kind avsegformer)'
+    )
+  if name == 'avsegformer' and config.train.init_backbone:
+    raise ConfigError(
+        'train.init_backbone is not supported for model.name avsegformer yet:'
+        ' convert a released checkpoint (python -m avs_jax.convert) and use '
+        'train.init_from'
+    )
+
+
 def _check_avss(config):
   """The AVSS setting, its loss and a multi-class head go together."""
+  _check_model(config)
   kind = config.loss.get('kind', 'bce')
-  if kind not in ('bce', 'avss'):
-    raise ConfigError(
-        f'loss.kind={kind!r}: run.py trains the AVS model, with loss.kind '
-        'bce (S4/MS3) or avss (AVSegFormer is not trainable here yet, see '
-        'docs/AVSEGFORMER.md)'
-    )
   avss = config.data.setting == 'avss'
   classes = config.model.get('num_classes', 1)
+  if model_name(config) == 'avsegformer':
+    if avss != (classes > 1):
+      raise ConfigError(
+          f'data.setting={config.data.setting!r} and model.num_classes='
+          f'{classes} do not fit together: AVSegFormer on AVSS needs '
+          'num_classes > 1 (configs/avsegformer_avss.py), on S4/MS3 one class'
+      )
+    return
   if avss != (kind == 'avss') or avss != (classes > 1):
     raise ConfigError(
         f'data.setting={config.data.setting!r}, loss.kind={kind!r} and '
@@ -184,9 +217,15 @@ def compute_dtype(config):
 
 
 def build(config, remat=False):
-  """`(model, vggish)` computing in `train.dtype` (parameters float32)."""
+  """`(model, vggish)` computing in `train.dtype` (parameters float32);
+  the model of `config.model.name` (`AVSModel` or `AVSegFormer`)."""
   dtype = compute_dtype(config)
-  model = build_model(config.model, dtype=dtype, remat=remat)
+  make = (
+      avsegformer.build_model
+      if model_name(config) == 'avsegformer'
+      else build_model
+  )
+  model = make(config.model, dtype=dtype, remat=remat)
   vggish = build_vggish(postprocess=config.audio.postprocess, dtype=dtype)
   return model, vggish
 

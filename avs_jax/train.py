@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from avs_jax import avsegformer_losses
 from avs_jax import checkpoint as ckpt_lib
 from avs_jax import data as data_lib
 from avs_jax import evaluate
@@ -28,30 +29,16 @@ from avs_jax import runtime
 from avs_jax import utils
 
 
-def make_optimizer(tc, total_steps):
-  """Adam (PyTorch defaults) with the optional schedule/decay/clip/accumulation."""
-  if tc.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(
-        0.0,
-        tc.lr,
-        max(tc.warmup_steps, 1),
-        max(total_steps, tc.warmup_steps + 1),
-    )
-  elif tc.schedule == 'constant':
-    lr = tc.lr
-    if tc.warmup_steps:
-      lr = optax.join_schedules(
-          [
-              optax.linear_schedule(0.0, tc.lr, tc.warmup_steps),
-              optax.constant_schedule(tc.lr),
-          ],
-          [tc.warmup_steps],
-      )
-  else:
-    raise ValueError(
-        f'train.schedule must be constant or cosine, got ' f'{tc.schedule!r}'
-    )
-  if tc.weight_decay > 0:
+def make_optimizer(tc, total_steps, *, model_name='avs', frozen_steps=0):
+  """Adam (PyTorch defaults) with the optional schedule/decay/clip/accumulation.
+
+  `model_name='avsegformer'`: AdamW per parameter group (`avsegformer_adamw`),
+  the backbone frozen for the first `frozen_steps` optimizer steps.
+  """
+  lr = _learning_rate(tc, total_steps)
+  if model_name == 'avsegformer':
+    opt = avsegformer_adamw(lr, tc.weight_decay, frozen_steps)
+  elif tc.weight_decay > 0:
     opt = optax.adamw(
         lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=tc.weight_decay
     )
@@ -62,6 +49,92 @@ def make_optimizer(tc, total_steps):
   if tc.accum_steps > 1:
     opt = optax.MultiSteps(opt, every_k_schedule=tc.accum_steps)
   return opt, lr
+
+
+def _learning_rate(tc, total_steps):
+  """`train.schedule` (with `train.warmup_steps`): a schedule or a float."""
+  if tc.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0,
+        tc.lr,
+        max(tc.warmup_steps, 1),
+        max(total_steps, tc.warmup_steps + 1),
+    )
+  if tc.schedule != 'constant':
+    raise ValueError(
+        f'train.schedule must be constant or cosine, got ' f'{tc.schedule!r}'
+    )
+  if not tc.warmup_steps:
+    return tc.lr
+  return optax.join_schedules(
+      [
+          optax.linear_schedule(0.0, tc.lr, tc.warmup_steps),
+          optax.constant_schedule(tc.lr),
+      ],
+      [tc.warmup_steps],
+  )
+
+
+def avsegformer_labels(params):
+  """The parameter group of every leaf: 'backbone' (the encoder subtree),
+  'unused' (`head/fpn`, `head/attn_fc_*`: built, never used) or 'rest'."""
+
+  def label(path, _):
+    keys = [str(getattr(k, 'key', k)) for k in path]
+    if keys[0] == 'backbone':
+      return 'backbone'
+    if keys[0] == 'head' and (
+        keys[1] == 'fpn' or keys[1].startswith('attn_fc')
+    ):
+      return 'unused'
+    return 'rest'
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def avsegformer_adamw(lr, weight_decay, frozen_steps):
+  """The reference's `torch.optim.AdamW` with a frozen backbone at first.
+
+  Adam moments and bias correction per group, as PyTorch's per-parameter
+  state: the backbone's start when it is unfrozen (optimizer step
+  `frozen_steps`); until then it gets no update, no decay and its moments
+  do not move. The unused modules never change (PyTorch skips parameters
+  without gradients). The learning rate schedule is global.
+  """
+
+  def adamw():
+    return optax.chain(
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+        optax.add_decayed_weights(weight_decay),
+    )
+
+  backbone = adamw()
+  if frozen_steps > 0:
+    backbone = optax.transforms.conditionally_mask(
+        backbone, lambda step: step >= frozen_steps
+    )
+  groups = optax.multi_transform(
+      {'backbone': backbone, 'rest': adamw(), 'unused': optax.set_to_zero()},
+      avsegformer_labels,
+  )
+  return optax.chain(groups, optax.scale_by_learning_rate(lr))
+
+
+def run_optimizer(config, sched):
+  """`make_optimizer` for a run of `config` with the `Schedule` `sched`."""
+  return make_optimizer(
+      config.train,
+      sched.total,
+      model_name=runtime.model_name(config),
+      frozen_steps=frozen_backbone_steps(config, sched.per_epoch),
+  )
+
+
+def frozen_backbone_steps(config, per_epoch):
+  """Optimizer steps with a frozen backbone (`train.freeze_backbone_epochs`)."""
+  tc = config.train
+  epochs = tc.get('freeze_backbone_epochs', 0)
+  return -(-epochs * per_epoch // tc.accum_steps)
 
 
 def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
@@ -88,6 +161,9 @@ def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
       },
       **extra,
   )
+  if lc.get('kind', 'bce') == 'avsegformer':
+    loss, aux = avsegformer_loss(out, batch, config)
+    return loss, (aux, new_stats['batch_stats'])
   if lc.get('kind', 'bce') == 'avss':
     loss, aux = avss_loss(out, batch, lc)
     return loss, (aux, new_stats['batch_stats'])
@@ -122,6 +198,22 @@ def avss_loss(out, batch, lc):
   )
 
 
+def avsegformer_loss(out, batch, config):
+  """`(loss, {'iou', 'mix'})` of AVSegFormer (`avsegformer_losses`): binary
+  masks (S4/MS3), or AVSS's class labels on its labelled frames."""
+  lc, setting = config.loss, config.data.setting
+  avss = setting == 'avss'
+  return avsegformer_losses.avsegformer_loss(
+      out,
+      batch['labels'] if avss else batch['masks'],
+      setting=setting,
+      loss_type=lc.get('loss_type', 'dice'),
+      iou_weight=lc.iou_weight,
+      mix_weight=lc.mix_weight,
+      labelled=batch['gt_mask'] if avss else None,
+  )
+
+
 def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
   """One optimizer step on a global batch. Returns (state, metrics)."""
   (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -141,7 +233,8 @@ def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
       batch_stats=batch_stats,
       opt_state=opt_state,
   )
-  # aux: 'bce' and 'avm' (S4/MS3), 'ce' and 'avm' (AVSS)
+  # aux: 'bce' and 'avm' (S4/MS3), 'ce' and 'avm' (AVSS), 'iou' and 'mix'
+  # (AVSegFormer)
   return new_state, dict(loss=loss, **aux, grad_norm=optax.tree.norm(grads))
 
 
@@ -317,7 +410,7 @@ def train_and_evaluate(config, workdir):
   )
   mesh = runtime.make_mesh()
   model, vggish = runtime.build(config, remat=tc.remat)
-  optimizer, lr_fn = make_optimizer(tc, sched.total)
+  optimizer, lr_fn = run_optimizer(config, sched)
   audio_vars = runtime.audio_variables(config, vggish, mesh)
   table = (
       runtime.embedding_table(config, vggish, audio_vars)
