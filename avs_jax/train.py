@@ -168,16 +168,7 @@ def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
     loss, aux = avss_loss(out, batch, lc)
     return loss, (aux, new_stats['batch_stats'])
   loss, aux = losses.avs_loss(
-      out,
-      batch['masks'],
-      setting=config.data.setting,
-      avm_weight=lc.avm_weight,
-      avm_stages=tuple(lc.avm_stages),
-      avm_loss=lc.avm_loss,
-      avm_closer=lc.avm_closer,
-      avm_threshold=lc.avm_threshold,
-      avm_norm=lc.avm_norm,
-      avm_pooling=lc.avm_pooling,
+      out, batch['masks'], setting=config.data.setting, **avm_options(lc)
   )
   return loss, (aux, new_stats['batch_stats'])
 
@@ -185,9 +176,13 @@ def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
 def avss_loss(out, batch, lc):
   """`(loss, aux)` of the AVSS setting: CE over classes + AVM (`losses`)."""
   return losses.avss_loss(
-      out,
-      batch['labels'],
-      batch['gt_mask'],
+      out, batch['labels'], batch['gt_mask'], **avm_options(lc)
+  )
+
+
+def avm_options(lc):
+  """The AVM arguments of `losses.avs_loss` / `avss_loss` from `config.loss`."""
+  return dict(
       avm_weight=lc.avm_weight,
       avm_stages=tuple(lc.avm_stages),
       avm_loss=lc.avm_loss,
