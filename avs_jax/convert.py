@@ -29,34 +29,41 @@ from avs_jax import avsegformer_convert
 from avs_jax import checkpoint as ckpt_lib
 from avs_jax import torch_weights
 
-config_flags.DEFINE_config_file(
-    'config',
-    None,
-    'Config file whose `model` matches the checkpoint.',
-    lock_config=True,
-)
-flags.DEFINE_string(
-    'src',
-    None,
-    'Checkpoint to convert: .pth/.npz/'
-    '.safetensors, or with --to_torch an Orbax checkpoint.',
-)
-flags.DEFINE_string(
-    'out',
-    None,
-    'Output: an Orbax checkpoint directory, or '
-    'with --to_torch a .pth/.npz file.',
-)
-flags.DEFINE_bool('to_torch', False, 'Orbax checkpoint -> PyTorch state dict.')
-flags.DEFINE_string(
-    'vggish',
-    '',
-    'AVSegFormer with --to_torch: a VGGish checkpoint (vggish-10086976.pth '
-    'or a released AVSegFormer .pth) whose weights become the vggish.* keys, '
-    'so that the result loads strictly into the reference.',
-)
-flags.mark_flags_as_required(['config', 'src', 'out'])
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line's flags (defined only when run as a program, so that
+  importing this module next to another absl program defines nothing)."""
+  config_flags.DEFINE_config_file(
+      'config',
+      None,
+      'Config file whose `model` matches the checkpoint.',
+      lock_config=True,
+  )
+  flags.DEFINE_string(
+      'src',
+      None,
+      'Checkpoint to convert: .pth/.npz/'
+      '.safetensors, or with --to_torch an Orbax checkpoint.',
+  )
+  flags.DEFINE_string(
+      'out',
+      None,
+      'Output: an Orbax checkpoint directory, or '
+      'with --to_torch a .pth/.npz file.',
+  )
+  flags.DEFINE_bool(
+      'to_torch', False, 'Orbax checkpoint -> PyTorch state dict.'
+  )
+  flags.DEFINE_string(
+      'vggish',
+      '',
+      'AVSegFormer with --to_torch: a VGGish checkpoint (vggish-10086976.pth '
+      'or a released AVSegFormer .pth) whose weights become the vggish.* keys, '
+      'so that the result loads strictly into the reference.',
+  )
+  flags.mark_flags_as_required(['config', 'src', 'out'])
 
 
 def is_avsegformer(model_config):
@@ -125,4 +132,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
