@@ -219,20 +219,24 @@ def main(argv):
     name = os.path.basename(config_flags.get_config_filename(FLAGS['config']))
     workdir = FLAGS.workdir or os.path.join('workdirs', name.split('.')[0])
     run(config, workdir, FLAGS.mode)
+    if runtime.Heartbeats.current:
+      runtime.Heartbeats.current.stop(finished=True)
   except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    _exit(f'error: {e}', 1)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1 or not any(m in str(e) for m in _PEER_FAILURE):
       raise
-    first = (str(e).strip().splitlines() or [''])[0][:300]
-    print(
-        f'error: process {jax.process_index()}: another process stopped '
-        f'({first}); relaunch all {jax.process_count()} processes with the '
-        'same command to resume from the last checkpoint',
-        file=sys.stderr,
-    )
-    sys.exit(3)
+    _exit(runtime.peer_failure_message(e), 3)
+
+
+def _exit(line, code):
+  """Prints `line` and exits. With several processes, at once: a normal exit
+  waits at JAX's shutdown barrier (300 s) for peers that may be dead."""
+  print(line, file=sys.stderr, flush=True)
+  if runtime.Heartbeats.current:  # several processes
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
 
 
 def parse_flags(argv):

@@ -10,7 +10,12 @@ the whole host value and hands each of its devices its part), never with a
 does not allow.
 """
 
+import atexit
 import functools
+import os
+import sys
+import threading
+import time
 from typing import Any
 
 import flax
@@ -178,13 +183,92 @@ def initialize_distributed(
         f'--process_id={process_id} must be in [0, ' f'{num_processes})'
     )
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # The coordination service's own heartbeats end a survivor with a fatal
+  # log and abort() (no Python error, a core dump), and the callback it
+  # takes instead cannot be a Python function; so they are left to a day
+  # and `Heartbeats` (Python, one line, exit 3) watches the peers.
   jax.distributed.initialize(
       coordinator_address,
       num_processes,
       process_id,
-      heartbeat_timeout_seconds=heartbeat_timeout,
+      heartbeat_timeout_seconds=max(86400, 2 * heartbeat_timeout),
   )
   utils.use_service_barriers()
+  Heartbeats(heartbeat_timeout).start()
+
+
+def peer_failure_message(detail):
+  """The one line a process prints when another process of the run died."""
+  first = (str(detail).strip().splitlines() or [''])[0][:300]
+  return (
+      f'error: process {jax.process_index()}: another process stopped '
+      f'({first}); relaunch all {jax.process_count()} processes with the '
+      'same command to resume from the last checkpoint'
+  )
+
+
+class Heartbeats(threading.Thread):
+  """Ends this process (one line, exit 3) when a peer stops beating.
+
+  Every `timeout / 10` s each process increments its counter in the
+  coordination service's key-value store and reads the others'; a counter
+  unchanged for `timeout` s (by this host's clock), or a store that no
+  longer answers (process 0, which holds it, died), is a dead peer. A
+  process that ends normally calls `stop(finished=True)` and is then no
+  longer watched.
+  """
+
+  PREFIX = 'avs_jax/heartbeat/'
+
+  def __init__(self, timeout):
+    super().__init__(daemon=True, name='heartbeats')
+    self.timeout, self.me = timeout, jax.process_index()
+    self.client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
+    self.stopping = threading.Event()
+    Heartbeats.current = self
+    # Before JAX's own exit handler shuts the client down (atexit: last
+    # registered, first run): a process that exits on an error stops
+    # beating, so its peers end too instead of waiting at a barrier.
+    atexit.register(self.stop, finished=False)
+
+  def run(self):
+    seen = {}  # process -> (counter, when it last changed)
+    while not self.stopping.wait(self.timeout / 10):
+      try:
+        self.client.key_value_increment(f'{self.PREFIX}{self.me}', 1)
+        beats = dict(self.client.key_value_dir_get(self.PREFIX))
+      except Exception as e:  # pylint: disable=broad-except
+        if self.stopping.is_set():
+          return
+        self.die(f'the coordination service does not answer: {e}')
+      now = time.monotonic()
+      for key, value in beats.items():
+        p = key.rsplit('/', 1)[-1]
+        if p == str(self.me):
+          continue
+        if value == 'finished':
+          seen.pop(p, None)
+          continue
+        if seen.get(p, (None,))[0] != value:
+          seen[p] = (value, now)
+        elif now - seen[p][1] > self.timeout:
+          self.die(f'process {p} sent no heartbeat for {self.timeout} s')
+
+  def die(self, why):
+    try:
+      print(peer_failure_message(why), file=sys.stderr, flush=True)
+    finally:
+      os._exit(3)  # pylint: disable=protected-access
+
+  current = None  # the running one, if any
+
+  def stop(self, finished):
+    """Stops beating; `finished`: peers no longer expect beats from here."""
+    self.stopping.set()
+    if finished:
+      self.client.key_value_set(
+          f'{self.PREFIX}{self.me}', 'finished', allow_overwrite=True
+      )
 
 
 def make_mesh():

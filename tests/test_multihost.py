@@ -244,3 +244,62 @@ def test_killed_process_stops_its_peer_and_relaunch_resumes(
   r, w = result(work), result(runs['two'])
   assert r['checkpoint_step'] == w['checkpoint_step']
   np.testing.assert_allclose(r['miou'], w['miou'], rtol=1e-6)
+
+
+PEER = """
+import sys, time
+from avs_jax import runtime
+runtime.initialize_distributed(
+    'localhost:' + sys.argv[1], 2, int(sys.argv[2]), heartbeat_timeout=3
+)
+print('connected', flush=True)
+if sys.argv[2] == sys.argv[3]:
+  time.sleep(2)
+  import os; os.kill(os.getpid(), 9)
+time.sleep(120)  # no collective running: only the heartbeats notice
+print('still running', flush=True)
+"""
+
+
+def launch_peers(tmp_path, cache, dies):
+  port = str(procs.free_port())
+  return [
+      procs.Proc(
+          [sys.executable, '-c', PEER, port, str(i), str(dies)],
+          str(tmp_path / f'{i}.log'),
+          procs.env(cache, devices=1),
+      )
+      for i in range(2)
+  ]
+
+
+def test_peer_dying_outside_a_collective_is_one_line(tmp_path, cache):
+  """Heartbeats, not gloo, notice it: one line and exit 3, no abort."""
+  pair = launch_peers(tmp_path, cache, dies=1)
+  try:
+    rcs = [p.wait(100) for p in pair]
+  finally:
+    for p in pair:
+      p.kill()
+  out = pair[0].output()
+  assert rcs == [3, -9], out + pair[1].tail()
+  lines = [l for l in out.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1, out
+  assert 'another process stopped (process 1 sent no heartbeat' in lines[0]
+  assert 'Fatal' not in out and 'still running' not in out, out
+
+
+def test_coordinator_dying_ends_its_peers(tmp_path, cache):
+  """Process 0 holds the coordination service; when it dies, JAX itself
+  ends the others at once (a fatal log naming the leader, abort): they do
+  not wait for it."""
+  pair = launch_peers(tmp_path, cache, dies=0)
+  try:
+    rcs = [p.wait(100) for p in pair]
+  finally:
+    for p in pair:
+      p.kill()
+  out = pair[1].output()
+  assert rcs[0] == -9 and rcs[1] not in (0, None), out
+  assert 'leader task was preempted/died' in out, out
+  assert 'still running' not in out, out
