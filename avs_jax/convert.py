@@ -27,6 +27,7 @@ import numpy as np
 
 from avs_jax import avsegformer_convert
 from avs_jax import checkpoint as ckpt_lib
+from avs_jax import runtime
 from avs_jax import torch_weights
 
 FLAGS = flags.FLAGS
@@ -66,14 +67,11 @@ def define_flags():
   flags.mark_flags_as_required(['config', 'src', 'out'])
 
 
-def is_avsegformer(model_config):
-  return model_config.get('name', 'avs') == 'avsegformer'
-
-
-def to_orbax(src, out, model_config):
+def to_orbax(src, out, config):
   """A PyTorch AVS checkpoint file -> Orbax checkpoint dir; returns its path."""
+  model_config = config.model
   sd = torch_weights.load_state_dict(src)
-  if is_avsegformer(model_config):
+  if runtime.model_name(config) == 'avsegformer':
     variables = avsegformer_convert.torch_to_flax(sd, model_config)
     return ckpt_lib.save_variables(variables, out)
   kind = torch_weights.checkpoint_kind(torch_weights.strip_module_prefix(sd))
@@ -86,13 +84,14 @@ def to_orbax(src, out, model_config):
   return ckpt_lib.save_variables(variables, out)
 
 
-def to_torch(src, out, model_config, vggish=''):
+def to_torch(src, out, config, vggish=''):
   """An Orbax checkpoint -> .pth (needs torch) or .npz; returns (n, step).
 
   AVSegFormer: `vggish`, a checkpoint file whose VGGish becomes `vggish.*`.
   """
+  model_config = config.model
   state, step = ckpt_lib.load_state(src)
-  if is_avsegformer(model_config):
+  if runtime.model_name(config) == 'avsegformer':
     vggish_vars = None
     if vggish:
       vsd = torch_weights.strip_module_prefix(
@@ -118,10 +117,10 @@ def main(argv):
   config = FLAGS.config
   try:
     if FLAGS.to_torch:
-      n, step = to_torch(FLAGS.src, FLAGS.out, config.model, FLAGS.vggish)
+      n, step = to_torch(FLAGS.src, FLAGS.out, config, FLAGS.vggish)
       print(f'wrote {n} tensors (step {step}) to {FLAGS.out}')
     else:
-      out = to_orbax(FLAGS.src, FLAGS.out, config.model)
+      out = to_orbax(FLAGS.src, FLAGS.out, config)
       print(
           f'wrote {out} ({config.model.backbone}); evaluate it with '
           f'--mode=eval --config.eval.restore={FLAGS.out}'

@@ -209,7 +209,7 @@ def avss_setup(tmp_path_factory):
       )
   )
   np.savez(str(tmp / 'official.npz'), **avss.flax_to_torch(variables, c.model))
-  convert.to_orbax(str(tmp / 'official.npz'), str(tmp / 'ckpt'), c.model)
+  convert.to_orbax(str(tmp / 'official.npz'), str(tmp / 'ckpt'), c)
   names = {f'name_{i:02d}': i for i in range(71)}
   with open(tmp / 'label2idx.json', 'w') as f:
     json.dump(names, f)
