@@ -297,6 +297,8 @@ def bench_config(ndev):
 
 def describe(jax, config, gbs):
   """The run's settings (`res`), printed."""
+  from avs_jax import runtime  # pylint: disable=g-import-not-at-top  # see main
+
   dev, ndev = jax.devices()[0], jax.device_count()
   c = config
   res = {
@@ -304,9 +306,10 @@ def describe(jax, config, gbs):
       'platform': dev.platform,
       'devices': ndev,
       'config': config_flags.get_config_filename(FLAGS['config']),
+      'model': runtime.model_name(c),
       'backbone': c.model.backbone,
-      'channels': c.model.channels,
-      'tpavi_mode': c.model.tpavi_mode,
+      'channels': c.model.get('channels', c.model.get('embed_dim')),
+      'tpavi_mode': c.model.get('tpavi_mode'),
       'setting': c.data.setting,
       'image_size': FLAGS.image_size,
       'frames': FLAGS.frames,
@@ -323,8 +326,9 @@ def describe(jax, config, gbs):
       f'{jax.__version__}, XLA_FLAGS={res["xla_flags"]!r}'
   )
   print(
-      f'config: {res["config"]} backbone={c.model.backbone} '
-      f'channels={c.model.channels} tpavi={c.model.tpavi_mode} '
+      f'config: {res["config"]} model={res["model"]} '
+      f'backbone={c.model.backbone} channels={res["channels"]} '
+      f'tpavi={res["tpavi_mode"]} '
       f'setting={c.data.setting} {FLAGS.image_size}x{FLAGS.image_size}x'
       f'{FLAGS.frames} frames, global batch {gbs} ({gbs // ndev}/device), '
       f'{FLAGS.dtype}, remat={c.train.remat}, fsdp={c.train.fsdp}, VGGish '
@@ -373,7 +377,9 @@ def bench():
   # The step exactly as train_and_evaluate builds it.
   mesh = runtime.make_mesh()
   model, vggish = runtime.build(config, remat=config.train.remat)
-  optimizer, _ = train.make_optimizer(config.train, total_steps=1000)
+  optimizer, _ = train.make_optimizer(
+      config.train, total_steps=1000, model_name=runtime.model_name(config)
+  )
   abstract_state, shardings = runtime.abstract_train_state(
       config, model, optimizer, mesh
   )

@@ -12,7 +12,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, 'bench', 'train_step.py')
 
 
-def run_bench(tmp_path, *args):
+TPAVI_TINY = (
+    '--backbone',
+    'pvt_v2_b0',
+    '--image_size',
+    '32',
+    '--config.model.channels=16',
+)
+
+
+def run_bench(tmp_path, *args, model=TPAVI_TINY):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='')
   env.pop('XLA_FLAGS', None)
@@ -20,13 +29,9 @@ def run_bench(tmp_path, *args):
       [
           sys.executable,
           BENCH,
-          '--backbone',
-          'pvt_v2_b0',
-          '--image_size',
-          '32',
+          *model,
           '--frames',
           '2',
-          '--config.model.channels=16',
           '--steps',
           '1',
           '--warmup',
@@ -75,6 +80,24 @@ def test_train_and_eval_step_on_two_simulated_devices(tmp_path):
   assert res['eval_clips_per_s'] > 0
   for k in ('loss', 'grad_norm'):
     assert res['first_step_metrics'][k] > 0
+
+
+def test_avsegformer_train_step(tmp_path):
+  """The AVSegFormer row: its step, its optimizer (AdamW groups), figures."""
+  stdout, res = run_bench(
+      tmp_path,
+      '--batch',
+      '1',
+      model=(
+          '--config=configs/synthetic_avsegformer.py',
+          '--image_size',
+          '64',
+      ),
+  )
+  assert 'model=avsegformer' in stdout, stdout
+  assert res['model'] == 'avsegformer' and res['channels'] == 32
+  assert res['step_s'] > 0 and res['flops_per_step'] > 0
+  assert 0 < res['first_step_metrics']['loss'] < 10
 
 
 def test_peak_table():
