@@ -93,3 +93,17 @@ def run_py(workdir, overrides, log, env_, *extra):
       log,
       env_,
   )
+
+
+def run_config(config, cache, *args):
+  """`python run.py --config=CONFIG ARGS` to completion; the CompletedProcess
+  (text stdout/stderr), with the compilation `cache`."""
+  return subprocess.run(
+      [sys.executable, 'run.py', f'--config={config}', *args],
+      cwd=REPO,
+      env=env(cache),
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT,
+      check=False,
+  )

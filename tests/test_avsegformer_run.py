@@ -4,8 +4,6 @@ backbone of the first epochs, and the model/loss mismatch as one line."""
 
 import functools
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -35,15 +33,7 @@ TINY = {
 
 
 def run_py(tmp, *args, config='configs/synthetic_avsegformer.py'):
-  return subprocess.run(
-      [sys.executable, 'run.py', f'--config={config}', *args],
-      cwd=procs.REPO,
-      env=procs.env(str(tmp / 'cache')),
-      capture_output=True,
-      text=True,
-      timeout=procs.TIMEOUT,
-      check=False,
-  )
+  return procs.run_config(config, str(tmp / 'cache'), *args)
 
 
 def test_run_py_trains_and_evaluates(tmp_path):

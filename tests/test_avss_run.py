@@ -5,8 +5,6 @@ the official metric and its per-class table, coloured masks, the report."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -31,15 +29,7 @@ TINY = {
 
 
 def run_py(tmp, *args, config='configs/synthetic_avss.py'):
-  return subprocess.run(
-      [sys.executable, 'run.py', f'--config={config}', *args],
-      cwd=procs.REPO,
-      env=procs.env(str(tmp / 'cache')),
-      capture_output=True,
-      text=True,
-      timeout=procs.TIMEOUT,
-      check=False,
-  )
+  return procs.run_config(config, str(tmp / 'cache'), *args)
 
 
 @pytest.fixture(scope='module')
