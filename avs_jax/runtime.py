@@ -120,12 +120,6 @@ def _check_model(config):
         f'{" or ".join(MODEL_LOSSES[name])} (configs/avsegformer_*.py set '
         'model.name avsegformer with loss.kind avsegformer)'
     )
-  if name == 'avsegformer' and config.train.init_backbone:
-    raise ConfigError(
-        'train.init_backbone is not supported for model.name avsegformer yet:'
-        ' convert a released checkpoint (python -m avs_jax.convert) and use '
-        'train.init_from'
-    )
 
 
 def _check_avss(config):
@@ -362,9 +356,11 @@ def pretrained(config, variables):
   tc = config.train
   if tc.init_backbone:
     sd = torch_weights.load_state_dict(tc.init_backbone)
-    variables = torch_weights.merge_variables(
-        variables, torch_weights.torch_to_flax(sd, config.model)
-    )
+    if model_name(config) == 'avsegformer':
+      encoder = torch_weights.backbone_variables(sd, config.model.backbone)
+    else:
+      encoder = torch_weights.torch_to_flax(sd, config.model)
+    variables = torch_weights.merge_variables(variables, encoder)
     utils.log(f'initialised the encoder from {tc.init_backbone}')
   if tc.init_from:
     restored, step = ckpt_lib.load_state(tc.init_from)

@@ -27,6 +27,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from avs_jax.models import build_model
@@ -363,6 +364,29 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config) -> Params:
     )
   target = {p: s for p, s in target.items() if p[1] == encoder}
   return _map_state_dict(sd, target, f'{kind} checkpoint')
+
+
+def backbone_variables(state_dict, backbone, name='backbone') -> Params:
+  """An ImageNet checkpoint (torchvision ResNet-50, PVT-v2) -> the encoder's
+  variables under `name` (AVSegFormer's encoder is `backbone`), from the
+  same key mapping and checks as the AVS model's encoder."""
+  sd = strip_module_prefix(state_dict)
+  if checkpoint_kind(sd) == 'avs':
+    raise ConversionError(
+        'an AVS model checkpoint is not an ImageNet backbone checkpoint'
+    )
+  encoder_only = ml_collections.ConfigDict(
+      dict(
+          backbone=backbone,
+          channels=16,
+          tpavi_stages=(),
+          tpavi_mode='dot',
+          tpavi_vv=False,
+          tpavi_va=False,
+      )
+  )
+  enc = torch_to_flax(sd, encoder_only)
+  return {col: {name: next(iter(t.values()))} for col, t in enc.items()}
 
 
 def flax_to_torch(

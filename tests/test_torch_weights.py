@@ -671,3 +671,33 @@ def test_vggish_errors(vggish):
   del sd['features.3.bias']
   with pytest.raises(ConversionError, match=re.escape('features.3.bias')):
     torch_weights.vggish_torch_to_flax(sd)
+
+
+def test_imagenet_backbone_initialises_avsegformer(resnet, tmp_path):
+  """`train.init_backbone` with AVSegFormer: the torchvision file fills its
+  `backbone` subtree (params and BatchNorm statistics) and nothing else."""
+  from avs_jax import runtime  # pylint: disable=g-import-not-at-top
+  from configs import avsegformer_s4  # pylint: disable=g-import-not-at-top
+
+  _, variables, sd = resnet
+  path = str(tmp_path / 'resnet50-imagenet.pth')
+  torch.save(torchvision_resnet50(sd), path)
+  c = avsegformer_s4.get_config('resnet50')
+  c.model.update(query_num=4, num_layers=1, generator_layers=1)
+  c.data.image_size = 64
+  model, _ = runtime.build(c)
+  base = jax.device_get(runtime.init_variables(c, model))
+  c.train.init_backbone = path
+  got = flatten(runtime.pretrained(c, base))
+  fb, fv = flatten(base), flatten(variables)
+  assert set(got) == set(fb)
+  n = 0
+  for path_, x in got.items():
+    if path_[1] == 'backbone':
+      n += 1
+      assert_equal(x, fv[(path_[0], 'resnet') + path_[2:]], '/'.join(path_))
+    else:
+      assert_equal(x, fb[path_], '/'.join(path_))
+  assert n == sum(p[1] == 'resnet' for p in fv) == 265  # 53 convs, 53 BNs
+  with pytest.raises(ConversionError, match='does not fit'):
+    torch_weights.backbone_variables(torchvision_resnet50(sd), 'pvt_v2_b0')
