@@ -261,9 +261,11 @@ print('still running', flush=True)
 """
 
 
-def launch_peers(tmp_path, cache, dies):
+def run_peers(tmp_path, cache, dies):
+  """Two processes connect, process `dies` kills itself (-9) 2 s later;
+  the exit statuses and outputs of both (each given 100 s)."""
   port = str(procs.free_port())
-  return [
+  pair = [
       procs.Proc(
           [sys.executable, '-c', PEER, port, str(i), str(dies)],
           str(tmp_path / f'{i}.log'),
@@ -271,18 +273,18 @@ def launch_peers(tmp_path, cache, dies):
       )
       for i in range(2)
   ]
-
-
-def test_peer_dying_outside_a_collective_is_one_line(tmp_path, cache):
-  """Heartbeats, not gloo, notice it: one line and exit 3, no abort."""
-  pair = launch_peers(tmp_path, cache, dies=1)
   try:
     rcs = [p.wait(100) for p in pair]
   finally:
     for p in pair:
       p.kill()
-  out = pair[0].output()
-  assert rcs == [3, -9], out + pair[1].tail()
+  return rcs, [p.output() for p in pair]
+
+
+def test_peer_dying_outside_a_collective_is_one_line(tmp_path, cache):
+  """Heartbeats, not gloo, notice it: one line and exit 3, no abort."""
+  rcs, (out, dead) = run_peers(tmp_path, cache, dies=1)
+  assert rcs == [3, -9], out + dead[-3000:]
   lines = [l for l in out.splitlines() if l.startswith('error:')]
   assert len(lines) == 1, out
   assert 'another process stopped (process 1 sent no heartbeat' in lines[0]
@@ -293,13 +295,7 @@ def test_coordinator_dying_ends_its_peers(tmp_path, cache):
   """Process 0 holds the coordination service; when it dies, JAX itself
   ends the others at once (a fatal log naming the leader, abort): they do
   not wait for it."""
-  pair = launch_peers(tmp_path, cache, dies=0)
-  try:
-    rcs = [p.wait(100) for p in pair]
-  finally:
-    for p in pair:
-      p.kill()
-  out = pair[1].output()
+  rcs, (_, out) = run_peers(tmp_path, cache, dies=0)
   assert rcs[0] == -9 and rcs[1] not in (0, None), out
   assert 'leader task was preempted/died' in out, out
   assert 'still running' not in out, out
