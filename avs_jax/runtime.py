@@ -213,6 +213,7 @@ class Heartbeats(threading.Thread):
   """
 
   PREFIX = 'avs_jax/heartbeat/'
+  current = None  # the running one (several processes), if any
 
   def __init__(self, timeout):
     super().__init__(daemon=True, name='heartbeats')
@@ -253,8 +254,6 @@ class Heartbeats(threading.Thread):
       print(peer_failure_message(why), file=sys.stderr, flush=True)
     finally:
       os._exit(3)  # pylint: disable=protected-access
-
-  current = None  # the running one, if any
 
   def stop(self, finished):
     """Stops beating; `finished`: peers no longer expect beats from here."""
