@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from avs_jax.models import build_model
+from avs_jax.models import layers
 from avs_jax.models.avs import ASPP
 from avs_jax.models.tpavi import TPAVI
 
@@ -324,6 +325,43 @@ def test_tpavi_init_is_the_reference_identity(tpavi_inputs):
 def test_tpavi_bad_mode():
   with pytest.raises(ValueError, match='mode'):
     TPAVI('cosine').init(jax.random.key(0), jnp.zeros((1, 1, 2, 2, 4)))
+
+
+# --------------------------------------------------------------------------
+# Convolutions without the kernel taps that only read padding.
+
+
+@pytest.mark.parametrize(
+    'size, dilation, window',
+    [
+        ((5, 5), 6, (1, 1)),  # ASPP at 160, stage 4: only the centre tap
+        ((10, 11), 12, (1, 1)),
+        ((10, 11), 10, (1, 3)),  # rows: centre only; columns: all three
+        ((10, 10), 6, (3, 3)),  # every tap meets the map: unchanged
+        ((3, 3), 1, (3, 3)),
+    ],
+)
+def test_conv_without_padding_taps_equals_lax(size, dilation, window):
+  """Same outputs and gradients as lax, with the smaller window compiled."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, *size, 8))
+  k = rng.standard_normal((3, 3, 8, 4))
+  d = dilation
+  args = ((1, 1), [(d, d), (d, d)], None, (d, d), ('NHWC', 'HWIO', 'NHWC'))
+
+  def loss(conv_fn):
+    return lambda x, k: jnp.sum(jnp.sin(conv_fn(x, k, *args)))
+
+  with jax.enable_x64(True):
+    x, k = jnp.asarray(x), jnp.asarray(k)
+    want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, k)
+    got = jax.value_and_grad(loss(layers.conv_general_dilated), (0, 1))(x, k)
+    hlo = jax.jit(loss(layers.conv_general_dilated)).lower(x, k).as_text()
+  for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+  # The compiled forward conv has only the taps that meet the map.
+  convs = [l for l in hlo.splitlines() if 'stablehlo.convolution' in l]
+  assert f'tensor<{window[0]}x{window[1]}x8x4xf64>) ->' in convs[0], convs
 
 
 # --------------------------------------------------------------------------
