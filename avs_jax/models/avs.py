@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from avs_jax.models import pvt
-from avs_jax.models.layers import Dtype, conv, upsample2x
+from avs_jax.models.layers import Dtype, Upsample2xConv3x3, conv, upsample2x
 from avs_jax.models import resnet
 from avs_jax.models.tpavi import TPAVI
 
@@ -201,8 +201,8 @@ class AVSModel(nn.Module):
     y = conv(
         self.head_channels, 3, 1, 1, dtype=self.dtype, name='output_conv_0'
     )(y)
-    y = upsample2x(y, align_corners=False)
-    y = nn.relu(conv(32, 3, 1, 1, dtype=self.dtype, name='output_conv_2')(y))
+    # upsample2x(align_corners=False), then a 3x3 conv: on the input's grid.
+    y = nn.relu(Upsample2xConv3x3(32, self.dtype, name='output_conv_2')(y))
     y = conv(self.num_classes, 1, dtype=self.dtype, name='output_conv_4')(y)
     y = apply_mask(y, mask4)
     if self.num_classes == 1:
