@@ -323,10 +323,8 @@ def upsample2x_conv3x3(x, kernel, bias):
   # The ring: the upsampled map's border rows / columns (edge-replicated
   # along their length), each seen by one row / column of the kernel.
   k = kernel.astype(x.dtype)
-  mh = jnp.asarray(_interp_matrix(h, 2 * h, False), x.dtype)
-  mw = jnp.asarray(_interp_matrix(w, 2 * w, False), x.dtype)
-  up_w = lambda v: jnp.einsum('pw,nwc->npc', mw, v, precision=hp)
-  up_h = lambda v: jnp.einsum('ph,nhc->npc', mh, v, precision=hp)
+  up_w = lambda v: resize_bilinear(v[:, None], (1, 2 * w), False)[:, 0]
+  up_h = lambda v: resize_bilinear(v[:, :, None], (2 * h, 1), False)[:, :, 0]
   conv1d = lambda v, k1, mode: jax.lax.conv_general_dilated(
       jnp.pad(v, ((0, 0), (1, 1), (0, 0)), mode=mode), k1, (1,), 'VALID',
       dimension_numbers=('NWC', 'WIO', 'NWC'), precision=hp,
