@@ -786,11 +786,13 @@ def test_upsample_then_conv_on_the_input_grid(size):
 
   with jax.enable_x64(True):
     x, k, b = jnp.asarray(x), jnp.asarray(k), jnp.asarray(b)
-    got = layers.upsample2x_conv3x3(x, k, b)
+    on_grid = lambda *a: layers.pixel_shuffle(layers.upsample2x_conv3x3(*a))
+    assert layers.upsample2x_conv3x3(x, k, b).shape == (2, *size, 2, 2, 3)
+    got = on_grid(x, k, b)
     want = two_steps(x, k, b)
     assert got.shape == (2, 2 * size[0], 2 * size[1], 3)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    g = jax.grad(loss(layers.upsample2x_conv3x3), (0, 1, 2))(x, k, b)
+    g = jax.grad(loss(on_grid), (0, 1, 2))(x, k, b)
     w = jax.grad(loss(two_steps), (0, 1, 2))(x, k, b)
   for gi, wi in zip(g, w):
     np.testing.assert_allclose(gi, wi, rtol=1e-12, atol=1e-12)

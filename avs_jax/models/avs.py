@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from avs_jax.models import pvt
-from avs_jax.models.layers import Dtype, Upsample2xConv3x3, conv, upsample2x
+from avs_jax.models.layers import Dtype, Upsample2xConv3x3, conv, pixel_shuffle, upsample2x
 from avs_jax.models import resnet
 from avs_jax.models.tpavi import TPAVI
 
@@ -201,9 +201,12 @@ class AVSModel(nn.Module):
     y = conv(
         self.head_channels, 3, 1, 1, dtype=self.dtype, name='output_conv_0'
     )(y)
-    # upsample2x(align_corners=False), then a 3x3 conv: on the input's grid.
+    # upsample2x(align_corners=False), then a 3x3 conv: on the input's grid,
+    # as the 2x map's four phases [N, H, W, 2, 2, 32]; the ReLU and the 1x1
+    # conv (on the phase axes as a 2x2 map) run on them before the shuffle.
     y = nn.relu(Upsample2xConv3x3(32, self.dtype, name='output_conv_2')(y))
     y = conv(self.num_classes, 1, dtype=self.dtype, name='output_conv_4')(y)
+    y = pixel_shuffle(y)
     y = apply_mask(y, mask4)
     if self.num_classes == 1:
       logits = y.reshape(b, t, h, w).astype(jnp.float32)

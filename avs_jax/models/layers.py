@@ -293,18 +293,21 @@ def _phase_taps():
 
 def upsample2x_conv3x3(x, kernel, bias):
   """`conv3x3(upsample2x(x, align_corners=False))`, zero padding 1, computed
-  on the input's grid.
+  on the input's grid, as the output's four phases.
 
-  `x [N, H, W, C]`, `kernel [3, 3, C, O]`, `bias [O]` -> `[N, 2H, 2W, O]`.
-  The four output parities are one 3x3 conv of the edge-padded input with
-  `4 O` outputs (kernels combined from the interpolation weights), then a
-  pixel shuffle; the 2x map is never built and the conv has 4x the output
-  channels on a quarter of the pixels (XLA:CPU: 240 vs 420 ms forward +
-  backward for the decoder's 128 -> 32 at 160x160). Edge padding of the
-  input is edge padding of the upsampled map (upsampling replicates the
-  edge), while the conv pads with zeros: the difference, the border ring,
-  is taken back from the outermost output rows and columns (four thin
-  1-D convs). Equal to the two-step form in exact arithmetic.
+  `x [N, H, W, C]`, `kernel [3, 3, C, O]`, `bias [O]` ->
+  `[N, H, W, 2, 2, O]`, where `[n, i, j, p, q]` is output pixel
+  `(2i + p, 2j + q)` (`pixel_shuffle` makes the `[N, 2H, 2W, O]` map; a
+  per-pixel op that follows, such as a ReLU and a 1x1 conv, can run on the
+  phases first). The four phases are one 3x3 conv of the edge-padded input
+  with `4 O` outputs (kernels combined from the interpolation weights): the
+  2x map is never built and the conv has 4x the output channels on a
+  quarter of the pixels (XLA:CPU: 240 vs 420 ms forward + backward for the
+  decoder's 128 -> 32 at 160x160). Edge padding of the input is edge
+  padding of the upsampled map (upsampling replicates the edge), while the
+  conv pads with zeros: the difference, the border ring, is taken back from
+  the outermost output rows and columns (four thin 1-D convs, subtracted in
+  place). Equal to the two-step form in exact arithmetic.
   """
   n, h, w, c = x.shape
   o = kernel.shape[-1]
@@ -317,8 +320,7 @@ def upsample2x_conv3x3(x, kernel, bias):
   y = jax.lax.conv_general_dilated(
       xe, k4, (1, 1), 'VALID', dimension_numbers=dn, precision=hp
   )
-  y = y.reshape(n, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5)
-  y = y.reshape(n, 2 * h, 2 * w, o)
+  y = y.reshape(n, h, w, 2, 2, o) + bias.astype(x.dtype)
 
   # The ring: the upsampled map's border rows / columns (edge-replicated
   # along their length), each seen by one row / column of the kernel.
@@ -329,20 +331,31 @@ def upsample2x_conv3x3(x, kernel, bias):
       jnp.pad(v, ((0, 0), (1, 1), (0, 0)), mode=mode), k1, (1,), 'VALID',
       dimension_numbers=('NWC', 'WIO', 'NWC'), precision=hp,
   )  # fmt: skip
-  top = conv1d(up_w(x[:, 0]), k[0], 'edge')  # [N, 2W, O]
-  bottom = conv1d(up_w(x[:, -1]), k[2], 'edge')
-  left = conv1d(up_h(x[:, :, 0]), k[:, 0], 'constant')  # [N, 2H, O]
-  right = conv1d(up_h(x[:, :, -1]), k[:, 2], 'constant')
-  rows = jnp.pad(top[:, None], ((0, 0), (0, 2 * h - 1), (0, 0), (0, 0)))
-  rows += jnp.pad(bottom[:, None], ((0, 0), (2 * h - 1, 0), (0, 0), (0, 0)))
-  cols = jnp.pad(left[:, :, None], ((0, 0), (0, 0), (0, 2 * w - 1), (0, 0)))
-  cols += jnp.pad(right[:, :, None], ((0, 0), (0, 0), (2 * w - 1, 0), (0, 0)))
-  return y - rows - cols + bias.astype(x.dtype)
+  rows = lambda v: v.reshape(n, 1, w, 1, 2, o)  # [N, 2W, O] -> phases
+  cols = lambda v: v.reshape(n, h, 1, 2, 1, o)  # [N, 2H, O] -> phases
+  ring = (
+      # (phase-tensor start of the thin slice, its correction)
+      ((0, 0, 0, 0, 0, 0), rows(conv1d(up_w(x[:, 0]), k[0], 'edge'))),
+      ((0, h - 1, 0, 1, 0, 0), rows(conv1d(up_w(x[:, -1]), k[2], 'edge'))),
+      ((0, 0, 0, 0, 0, 0), cols(conv1d(up_h(x[:, :, 0]), k[:, 0], 'constant'))),
+      ((0, 0, w - 1, 0, 1, 0), cols(conv1d(up_h(x[:, :, -1]), k[:, 2], 'constant'))),
+  )  # fmt: skip
+  for start, v in ring:
+    cur = jax.lax.dynamic_slice(y, start, v.shape)
+    y = jax.lax.dynamic_update_slice(y, cur - v, start)
+  return y
+
+
+def pixel_shuffle(y):
+  """`[N, H, W, 2, 2, C]` phases -> `[N, 2H, 2W, C]` (pixel `(2i+p, 2j+q)`)."""
+  n, h, w, _, _, c = y.shape
+  return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c)
 
 
 class Upsample2xConv3x3(nn.Module):
   """`conv(features, 3, 1, 1)` applied to `upsample2x(x, False)`, with that
-  conv's parameters (`kernel [3, 3, C, O]`, `bias`): `upsample2x_conv3x3`."""
+  conv's parameters (`kernel [3, 3, C, O]`, `bias`), returned as its phases
+  `[N, H, W, 2, 2, O]`: `upsample2x_conv3x3`."""
 
   features: int
   dtype: Dtype = jnp.float32
