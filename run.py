@@ -11,8 +11,10 @@ r"""avs_jax entry point: train, evaluate or predict with an ml_collections confi
 import os
 import sys
 
-from avs_jax.xla_flags import set_xla_flags
+from avs_jax.xla_flags import set_xla_flags, use_huge_pages
 
+if __name__ == '__main__':
+  use_huge_pages()  # restarts once: malloc with huge pages (Linux, glibc)
 set_xla_flags()  # before JAX starts: XLA:CPU's faster convolutions (a no-op elsewhere)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -55,7 +55,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # JAX itself is imported in `main`, after `--devices` has set XLA_FLAGS.
-from avs_jax.xla_flags import set_xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from avs_jax.xla_flags import set_xla_flags, use_huge_pages  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Dense peak TFLOP/s per chip (vendor figures, no sparsity), by compute dtype.
 # Matched against `device.device_kind` by substring, first match wins.
@@ -854,4 +854,5 @@ def scaling_study():
 
 
 if __name__ == '__main__':
+  use_huge_pages()  # as run.py does (restarts once)
   app.run(main)

@@ -6,12 +6,15 @@ r"""The JAX train step against the official PyTorch one, alternated in one run.
       --reference=... --alternations 5 --json b5_224.json
   python bench/vs_reference.py --backbone resnet50   # JAX only: no reference
 
-One process runs both steps on the same cores, one after the other, so that
+The two steps alternate on the same cores, one after the other, so that
 other load on a shared machine hits both alike: JAX step, PyTorch step, JAX
 step, ... Each step is waited for (`block_until_ready`, `loss.item()`). It
 prints every step's wall and CPU time, the medians and the median of the
 per-alternation ratios JAX / PyTorch (the figure that matters on a shared
-CPU).
+CPU). The PyTorch step runs in a child process that waits on a pipe while
+the JAX step runs (and the other way round), so neither runtime's thread
+pools, allocator or caches are in the other's process, as in real use;
+`--same_process` runs both in one process instead.
 
 The step is the MS3 training step of both code bases, one batch of
 `--batch` clips of 5 frames: the frozen VGGish on the log-mel examples, the
@@ -38,6 +41,7 @@ import ast
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -47,7 +51,7 @@ import zlib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from avs_jax.xla_flags import set_xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from avs_jax.xla_flags import set_xla_flags, use_huge_pages  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FRAMES = 5  # the reference's clip length (hard-coded there)
 
@@ -101,6 +105,19 @@ def parse_args(argv=None):
       default='',
       help='directory: a JAX trace of one step and the PyTorch '
       "profiler's op table of one step",
+  )
+  p.add_argument(
+      '--same_process',
+      action='store_true',
+      help='run the reference in this process (default: a child '
+      'process, alternated over a pipe)',
+  )
+  p.add_argument(
+      '--reference_tunables',
+      action='store_true',
+      help="give the reference's child process this process's "
+      'GLIBC_TUNABLES (run.py sets glibc.malloc.hugetlb=1); default: the '
+      'reference runs without them, as shipped',
   )
   p.add_argument('--json', default='', help='write the figures here')
   return p.parse_args(argv)
@@ -418,9 +435,80 @@ class JaxStep:
 
 
 def timed(fn):
+  """(wall s, CPU s, loss, minor page faults) of `fn()` in this process."""
+  f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   t, c = time.perf_counter(), time.process_time()
   loss = fn()
-  return time.perf_counter() - t, time.process_time() - c, loss
+  wall, cpu = time.perf_counter() - t, time.process_time() - c
+  return wall, cpu, loss, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+
+
+def _reference_worker(conn, args, config, host):
+  """Child process: builds the reference, then runs commands from `conn`."""
+  try:
+    ref = Reference(args, config, host)
+  except BaseException as e:  # pylint: disable=broad-except
+    conn.send(('error', str(e) or repr(e)))
+    return
+  shapes = lambda sd: {k: v.shape for k, v in sd.items()}
+  conn.send(('ready', shapes(ref.state_dict), shapes(ref.vggish_state_dict)))
+  while True:
+    cmd, arg = conn.recv()
+    if cmd == 'step':
+      conn.send(timed(ref.step))
+    elif cmd == 'profile':
+      ref.profile(arg)
+      conn.send(None)
+    else:
+      return
+
+
+class ReferenceProcess:
+  """The reference's step in a child process; `step()` blocks until done.
+
+  The child gets the same arguments, config and inputs; the JAX side
+  rebuilds the same golden weights from the shapes it reports.
+  """
+
+  def __init__(self, args, config, host):
+    # pylint: disable=g-import-not-at-top
+    import multiprocessing as mp
+    # pylint: enable=g-import-not-at-top
+    ctx = mp.get_context('spawn')  # no JAX or XLA threads forked
+    self.conn, child = ctx.Pipe()
+    self.proc = ctx.Process(
+        target=_reference_worker, args=(child, args, config, host), daemon=True
+    )
+    tunables = os.environ.get('GLIBC_TUNABLES')
+    if tunables is not None and not args.reference_tunables:
+      del os.environ['GLIBC_TUNABLES']  # the child inherits os.environ
+    try:
+      self.proc.start()
+    finally:
+      if tunables is not None:
+        os.environ['GLIBC_TUNABLES'] = tunables
+    msg = self.conn.recv()
+    if msg[0] == 'error':
+      self.proc.join()
+      raise SystemExit(msg[1])
+    self.state_dict = golden_state_dict(msg[1])
+    self.vggish_state_dict = golden_state_dict(msg[2])
+
+  def timed_step(self):
+    """(wall s, CPU s, loss) of one step, measured in the child."""
+    self.conn.send(('step', None))
+    return self.conn.recv()
+
+  def step(self):
+    return self.timed_step()[2]
+
+  def profile(self, out_dir):
+    self.conn.send(('profile', out_dir))
+    self.conn.recv()
+
+  def close(self):
+    self.conn.send(('exit', None))
+    self.proc.join(timeout=60)
 
 
 def main(argv=None):
@@ -441,7 +529,8 @@ def main(argv=None):
   print(
       f'cores {cores}; torch threads {args.cores} (flush denormals: '
       f'{args.flush_denormal}); jax {jax.__version__} '
-      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
+      f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
   )
   print(
       f'step: {config.model.backbone}, {args.batch} clip(s) x {FRAMES} '
@@ -449,8 +538,20 @@ def main(argv=None):
       f'(BCE + {config.loss.avm_weight} AVM-{config.loss.avm_loss}), Adam '
       f'lr {config.train.lr}, VGGish in the step'
   )
+  if args.reference:
+    where = 'in this process' if args.same_process else 'in a child process'
+    if not args.same_process:
+      where += ', GLIBC_TUNABLES ' + (
+          'as here' if args.reference_tunables else 'unset'
+      )
+    print('reference step: ' + where)
 
-  ref = Reference(args, config, host) if args.reference else None
+  ref = None
+  if args.reference:
+    ref = (Reference if args.same_process else ReferenceProcess)(
+        args, config, host
+    )
+  time_ref = getattr(ref, 'timed_step', None) or (lambda: timed(ref.step))
   weights = (ref.state_dict, ref.vggish_state_dict) if ref else None
   js = JaxStep(config, host, weights)
   print(f'JAX compile: {js.compile_s:.1f} s')
@@ -471,15 +572,16 @@ def main(argv=None):
   for i in range(args.alternations):
     rows['jax'].append(timed(js.step))
     if ref:
-      rows['reference'].append(timed(ref.step))
+      rows['reference'].append(time_ref())
     line = (
         f'alternation {i + 1}: jax {rows["jax"][-1][0]:.2f} s '
-        f'({rows["jax"][-1][1]:.2f} CPU-s)'
+        f'({rows["jax"][-1][1]:.2f} CPU-s, {rows["jax"][-1][3]} faults)'
     )
     if ref:
       line += (
           f', reference {rows["reference"][-1][0]:.2f} s '
-          f'({rows["reference"][-1][1]:.2f} CPU-s), ratio '
+          f'({rows["reference"][-1][1]:.2f} CPU-s, '
+          f'{rows["reference"][-1][3]} faults), ratio '
           f'{rows["jax"][-1][0] / rows["reference"][-1][0]:.2f}'
       )
     print(line, flush=True)
@@ -488,8 +590,12 @@ def main(argv=None):
     if ref:
       ref.profile(args.profile)
 
+  if hasattr(ref, 'close'):
+    ref.close()
+
   res = {
       'backbone': config.model.backbone,
+      'reference_process': 'same' if args.same_process else 'child',
       'image_size': args.image_size,
       'batch': args.batch,
       'frames': FRAMES,
@@ -497,6 +603,12 @@ def main(argv=None):
       'torch_flush_denormal': args.flush_denormal,
       'jax': jax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+      'reference_glibc_tunables': (
+          os.environ.get('GLIBC_TUNABLES', '')
+          if args.same_process or args.reference_tunables
+          else ''
+      ),
       'compile_s': js.compile_s,
       'first_loss': first,
       'load_avg': os.getloadavg(),
@@ -508,6 +620,7 @@ def main(argv=None):
           'cpu_s': [r[1] for r in rs],
           'median_wall_s': statistics.median(r[0] for r in rs),
           'median_cpu_s': statistics.median(r[1] for r in rs),
+          'minor_page_faults': [r[3] for r in rs],
       }
   summary = f'median step: jax {res["jax"]["median_wall_s"]:.2f} s'
   if ref:
@@ -531,4 +644,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  use_huge_pages()  # as run.py does (restarts once)
   main()
