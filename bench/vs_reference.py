@@ -339,6 +339,12 @@ class Reference:
     self.optimizer.step()
     return loss.item()
 
+  def timed_step(self):
+    return timed(self.step)
+
+  def close(self):
+    pass
+
   def profile(self, out_dir):
     from torch.profiler import profile, ProfilerActivity  # pylint: disable=g-import-not-at-top
 
@@ -495,7 +501,7 @@ class ReferenceProcess:
     self.vggish_state_dict = golden_state_dict(msg[2])
 
   def timed_step(self):
-    """(wall s, CPU s, loss) of one step, measured in the child."""
+    """`timed(step)` of one step, measured in the child."""
     self.conn.send(('step', None))
     return self.conn.recv()
 
@@ -551,7 +557,6 @@ def main(argv=None):
     ref = (Reference if args.same_process else ReferenceProcess)(
         args, config, host
     )
-  time_ref = getattr(ref, 'timed_step', None) or (lambda: timed(ref.step))
   weights = (ref.state_dict, ref.vggish_state_dict) if ref else None
   js = JaxStep(config, host, weights)
   print(f'JAX compile: {js.compile_s:.1f} s')
@@ -572,7 +577,7 @@ def main(argv=None):
   for i in range(args.alternations):
     rows['jax'].append(timed(js.step))
     if ref:
-      rows['reference'].append(time_ref())
+      rows['reference'].append(ref.timed_step())
     line = (
         f'alternation {i + 1}: jax {rows["jax"][-1][0]:.2f} s '
         f'({rows["jax"][-1][1]:.2f} CPU-s, {rows["jax"][-1][3]} faults)'
@@ -590,7 +595,7 @@ def main(argv=None):
     if ref:
       ref.profile(args.profile)
 
-  if hasattr(ref, 'close'):
+  if ref:
     ref.close()
 
   res = {
