@@ -31,6 +31,11 @@ the reference imports but this step never uses (ImageNet weights loading,
 audio resampling), are stubbed if absent; its `.cuda()` calls are made
 no-ops. Without `--reference` only the JAX step is timed.
 
+On a GPU: `--device cuda --same_process` runs both steps on it (the
+reference's `.cuda()` kept, `cudnn.benchmark` on, JAX's memory preallocation
+off so that both fit); `--dtype bfloat16` gives JAX `train.dtype='bfloat16'`
+and runs the reference under `torch.autocast(dtype=torch.bfloat16)`.
+
 Threads: `--cores N` pins the process to its first N allowed cores before
 JAX starts (XLA:CPU sizes its thread pool from them) and sets torch's
 intra-op threads to N (inter-op 1).
@@ -118,6 +123,20 @@ def parse_args(argv=None):
       help="give the reference's child process this process's "
       'GLIBC_TUNABLES (run.py sets glibc.malloc.hugetlb=1); default: the '
       'reference runs without them, as shipped',
+  )
+  p.add_argument(
+      '--device',
+      choices=('cpu', 'cuda'),
+      default='cpu',
+      help="cuda: both steps on the GPU (the reference's .cuda() kept, "
+      'cudnn.benchmark on; run with --same_process)',
+  )
+  p.add_argument(
+      '--dtype',
+      choices=('float32', 'bfloat16'),
+      default='float32',
+      help='compute dtype: train.dtype for JAX, torch.autocast for the '
+      'reference',
   )
   p.add_argument('--json', default='', help='write the figures here')
   return p.parse_args(argv)
@@ -211,7 +230,7 @@ class _Stub(types.ModuleType):
     return m
 
 
-def import_reference(path, extra_path):
+def import_reference(path, extra_path, device='cpu'):
   """The reference's modules: (torch, model modules, loss, vggish, cfg)."""
   if not os.path.isfile(os.path.join(path, 'model', 'PVT_AVSModel.py')):
     raise SystemExit(
@@ -234,8 +253,9 @@ def import_reference(path, extra_path):
     except (ImportError, OSError, RuntimeError):
       for n in (name,) + tuple(f'{name}.{s}' for s in subs):
         sys.modules[n] = _Stub(n)
-  torch.Tensor.cuda = lambda self, *a, **k: self  # the reference's .cuda()
-  torch.nn.Module.cuda = lambda self, *a, **k: self
+  if device == 'cpu':
+    torch.Tensor.cuda = lambda self, *a, **k: self  # the reference's .cuda()
+    torch.nn.Module.cuda = lambda self, *a, **k: self
   sys.path.insert(0, path)
   try:
     from config import cfg  # pylint: disable=g-import-not-at-top
@@ -259,11 +279,11 @@ def import_reference(path, extra_path):
 
 
 class Reference:
-  """The reference's MS3 train step on CPU, golden weights."""
+  """The reference's MS3 train step (CPU or GPU), golden weights."""
 
   def __init__(self, args, config, host):
     torch, models, ref_loss, vggish, cfg = import_reference(
-        args.reference, args.reference_path
+        args.reference, args.reference_path, args.device
     )
     if config.model.backbone not in models:
       raise SystemExit(
@@ -306,6 +326,15 @@ class Reference:
         {k: torch.from_numpy(v) for k, v in self.vggish_state_dict.items()}
     )
     self.vggish.eval()
+    dev = torch.device(args.device)
+    self.model.to(dev)
+    self.vggish.to(dev)
+    torch.backends.cudnn.benchmark = args.device == 'cuda'
+    self.autocast = lambda: torch.autocast(
+        args.device,
+        dtype=torch.bfloat16,
+        enabled=args.dtype == 'bfloat16',
+    )
     self.optimizer = torch.optim.Adam(self.model.parameters(), config.train.lr)
     lc = config.loss
     self.loss_kw = dict(
@@ -321,7 +350,7 @@ class Reference:
     )
     self.loss_fn = ref_loss.IouSemanticAwareLoss
     b, t, h, w, _ = host['frames'].shape
-    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x))
+    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(dev)
     self.frames = nchw(
         host['frames'].reshape(b * t, h, w, 3).transpose(0, 3, 1, 2)
     )
@@ -330,10 +359,11 @@ class Reference:
 
   def step(self):
     torch = self.torch
-    with torch.no_grad():
+    with torch.no_grad(), self.autocast():
       audio = self.vggish(self.log_mel)
-    out, v_maps, a_feas = self.model(self.frames, audio)
-    loss, _ = self.loss_fn(out, self.masks, a_feas, v_maps, **self.loss_kw)
+    with self.autocast():
+      out, v_maps, a_feas = self.model(self.frames, audio)
+      loss, _ = self.loss_fn(out, self.masks, a_feas, v_maps, **self.loss_kw)
     self.optimizer.zero_grad()
     loss.backward()
     self.optimizer.step()
@@ -521,13 +551,21 @@ def main(argv=None):
   args = parse_args(argv)
   cores = sorted(os.sched_getaffinity(0))[: args.cores]
   os.sched_setaffinity(0, cores)  # before JAX and torch start their threads
+  if args.device == 'cuda':
+    if not args.same_process:
+      raise SystemExit(
+          '--device cuda: add --same_process (one GPU, one process)'
+      )
+    # JAX would take 75% of the GPU's memory at start and the reference's
+    # step then runs out of memory (seen on an H100 at batch 16).
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   set_xla_flags()
   # pylint: disable=g-import-not-at-top
   import jax
   # pylint: enable=g-import-not-at-top
   config = load_config(args.config, args.backbone, args.set)
   config.data.image_size = args.image_size
-  config.train.dtype = 'float32'
+  config.train.dtype = args.dtype
   config.audio.precompute = False
   if config.data.setting != 'ms3':
     raise SystemExit(f'{args.config}: the reference step timed here is MS3')
@@ -540,7 +578,7 @@ def main(argv=None):
   )
   print(
       f'step: {config.model.backbone}, {args.batch} clip(s) x {FRAMES} '
-      f'frames at {args.image_size}x{args.image_size}, float32, MS3 '
+      f'frames at {args.image_size}x{args.image_size}, {args.dtype}, MS3 '
       f'(BCE + {config.loss.avm_weight} AVM-{config.loss.avm_loss}), Adam '
       f'lr {config.train.lr}, VGGish in the step'
   )
@@ -601,6 +639,9 @@ def main(argv=None):
   res = {
       'backbone': config.model.backbone,
       'reference_process': 'same' if args.same_process else 'child',
+      'device': args.device,
+      'jax_device': jax.devices()[0].device_kind,
+      'dtype': args.dtype,
       'image_size': args.image_size,
       'batch': args.batch,
       'frames': FRAMES,

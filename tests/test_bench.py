@@ -114,3 +114,66 @@ def test_peak_table():
   assert train_step.peak_tflops('TPU v4', 'bfloat16') == 275.0
   assert train_step.peak_tflops('TPU v5p', 'bfloat16') == 459.0
   assert train_step.peak_tflops('cpu', 'float32') is None
+
+
+def test_gpu_flop_count_includes_convolutions():
+  """On GPUs the count comes from a CPU lowering of the unsharded function:
+  it must see the convolutions (XLA:GPU's own count omits cuDNN's) and
+  divide the whole batch's FLOPs over the devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, os.path.join(ROOT, 'bench'))
+  try:
+    import train_step  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+
+  def fn(x, w):
+    y = jax.lax.conv_general_dilated(
+        x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+    return jnp.sum(y * y)
+
+  args = (jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 4)))
+  compiled = jax.jit(fn).lower(*args).compile()
+  conv = 2 * 2 * 16 * 16 * 4 * 3 * 3 * 8  # multiply-adds x 2 (XLA leaves
+  # out the taps on the zero padding: ~7% fewer here)
+  on_cpu = train_step.flops_of(compiled, fn, args, 1, platform='cpu')
+  as_gpu = train_step.flops_of(compiled, fn, args, 1, platform='gpu')
+  assert 0.85 * conv < as_gpu < 1.1 * conv
+  assert abs(as_gpu - on_cpu) < 0.01 * conv
+  assert train_step.flops_of(compiled, fn, args, 4, platform='gpu') == (
+      as_gpu / 4
+  )
+
+
+def test_bf16_agreement_figures():
+  sys.path.insert(0, ROOT)
+  try:
+    from bench import bf16_agreement  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  ref = {
+      'loss': np.float32(2.0),
+      'grads': [rng.standard_normal((3, 4)), rng.standard_normal(5)],
+      'logits': rng.standard_normal((1, 5, 8, 8)),
+  }
+  same = bf16_agreement.compare(ref, ref)
+  assert same['loss_rel_diff'] == 0 and same['grad_rel_l2'] == 0
+  assert same['grad_cosine'] == pytest.approx(1.0)
+  assert same['mask_pixels_agree'] == 1.0 and same['mask_iou'] == 1.0
+  flipped = {
+      'loss': np.float32(2.2),
+      'grads': [-g for g in ref['grads']],
+      'logits': -ref['logits'],
+  }
+  c = bf16_agreement.compare(flipped, ref)
+  assert c['loss_rel_diff'] == pytest.approx(0.1)
+  assert c['grad_rel_l2'] == pytest.approx(2.0)
+  assert c['grad_cosine'] == pytest.approx(-1.0)
+  assert c['logits_rel_l2'] == pytest.approx(2.0)
+  assert c['mask_pixels_agree'] == 0.0 and c['mask_iou'] == 0.0
