@@ -51,23 +51,42 @@ def set_xla_flags(devices=None, cpu_defaults=False):
     os.environ['XLA_FLAGS'] = ' '.join(flags)
 
 
-HOST_TUNABLES = 'glibc.malloc.hugetlb=1'
+def host_tunables(cores=None):
+  """glibc malloc settings for XLA:CPU's per-step temporaries (see
+  `use_huge_pages`); `cores`: default, the cores this process may use."""
+  cores = cores or len(os.sched_getaffinity(0))
+  return ':'.join(
+      (
+          'glibc.malloc.hugetlb=1',  # transparent huge pages
+          'glibc.malloc.mmap_max=0',  # big blocks from the heap, not mmap
+          f'glibc.malloc.trim_threshold={1 << 40}',  # never given back
+          f'glibc.malloc.arena_max={max(2, cores)}',
+      )
+  )
 
 
 def use_huge_pages():
-  """Restarts this process with glibc's malloc using transparent huge pages.
+  """Restarts this process with glibc's malloc tuned for XLA:CPU.
 
   XLA:CPU allocates a step's temporaries with `malloc` from its worker
   threads, and glibc maps such large blocks afresh each time and unmaps them
   after, so every step zero-fills them page by page: ~190,000 page faults
-  (0.75 GB) per ResNet-50 train step at 160x160. With
-  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks for
-  transparent huge pages on those mappings: ~1,700 faults, and the step
-  3.57 -> 3.28 s on the development machine (docs/PERFORMANCE.md). glibc
-  reads tunables only when a process starts, hence the restart (`execv`:
-  same pid, same arguments), which must come before anything else. Does
-  nothing if GLIBC_TUNABLES is set already (yours win; set it empty to opt
-  out), off Linux, or where transparent huge pages are `never`.
+  (0.75 GB) per ResNet-50 train step at 160x160. `host_tunables()`:
+  `glibc.malloc.hugetlb=1` (glibc >= 2.35) asks for transparent huge pages
+  (~1,700 faults, step 3.57 -> 3.28 s on the development machine), and
+  `mmap_max=0`, a trim threshold of 1 TiB and at most one arena per core
+  make malloc keep and reuse the blocks instead (~100-400 faults). The
+  last part matters when steps do not run back to back: after 5 s idle, a
+  step that re-faults its temporaries pays ~25% more (the kernel zeroes
+  fresh huge pages: 19% of the step's samples in `clear_page_erms`); with
+  reuse it pays nothing (ResNet-50 at 160, 2 cores: 4.0-4.2 s after 5 s
+  idle -> 3.3-3.5 s; back to back 3.2-3.4 s either way; measured with 2
+  cores only, see docs/PERFORMANCE.md). The cost: freed host memory is not
+  returned to the system while the process runs. glibc reads tunables only
+  when a process starts, hence the restart (`execv`: same pid, same
+  arguments), which must come before anything else. Does nothing if
+  GLIBC_TUNABLES is set already (yours win; set it empty to opt out), off
+  Linux, or where transparent huge pages are `never`.
   """
   if sys.platform != 'linux' or 'GLIBC_TUNABLES' in os.environ:
     return
@@ -77,7 +96,7 @@ def use_huge_pages():
         return
   except OSError:
     return
-  os.environ['GLIBC_TUNABLES'] = HOST_TUNABLES
+  os.environ['GLIBC_TUNABLES'] = host_tunables()
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])

@@ -121,7 +121,7 @@ def parse_args(argv=None):
       '--reference_tunables',
       action='store_true',
       help="give the reference's child process this process's "
-      'GLIBC_TUNABLES (run.py sets glibc.malloc.hugetlb=1); default: the '
+      'GLIBC_TUNABLES (run.py sets xla_flags.host_tunables()); default: the '
       'reference runs without them, as shipped',
   )
   p.add_argument(
