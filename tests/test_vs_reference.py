@@ -78,6 +78,39 @@ def test_jax_only_run(tmp_path):
   assert 'reference' not in res and len(res['cores']) == 1
 
 
+def test_bfloat16_jax_only_run(tmp_path):
+  out = tmp_path / 'r.json'
+  p = run_bench(
+      '--backbone',
+      'resnet_tiny',
+      '--image_size',
+      '32',
+      '--set',
+      'model.channels=16',
+      '--set',
+      'model.head_channels=8',
+      '--alternations',
+      '1',
+      '--cores',
+      '1',
+      '--dtype',
+      'bfloat16',
+      '--json',
+      str(out),
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert '32x32, bfloat16, MS3' in p.stdout, p.stdout
+  res = json.loads(out.read_text())
+  assert res['dtype'] == 'bfloat16' and res['device'] == 'cpu'
+  assert np.isfinite(res['first_loss']['jax'])
+
+
+def test_cuda_needs_same_process_one_clear_error():
+  p = run_bench('--device', 'cuda', '--alternations', '1')
+  assert p.returncode != 0
+  assert '--same_process' in p.stderr and 'Traceback' not in p.stderr
+
+
 def test_bad_reference_path_is_one_clear_error(tmp_path):
   p = run_bench(
       '--backbone',
