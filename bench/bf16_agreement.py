@@ -75,19 +75,14 @@ def main(argv=None):
   import jax.numpy as jnp
   from avs_jax import runtime
   from avs_jax import train
-  from bench.vs_reference import load_config
+  from bench.vs_reference import FRAMES, host_inputs, load_config
   # pylint: enable=g-import-not-at-top
 
   config = load_config(args.config, args.backbone, [])
   config.data.image_size = args.image_size
   config.audio.precompute = False
-  rng = np.random.default_rng(args.seed)
-  b, t, s = args.batch, 5, args.image_size
-  batch = {
-      'frames': rng.standard_normal((b, t, s, s, 3), np.float32),
-      'log_mel': rng.standard_normal((b, t, 96, 64), np.float32),
-      'masks': (rng.random((b, t, s, s)) < 0.3).astype(np.float32),
-  }
+  b, t, s = args.batch, FRAMES, args.image_size
+  batch = host_inputs(args.seed, b, s, s)
   config.train.dtype = 'float32'
   model32, vggish32 = runtime.build(config)
   variables = jax.jit(lambda: runtime.init_variables(config, model32))()

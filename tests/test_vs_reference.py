@@ -15,6 +15,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'bench'))
 import vs_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# A ResNet-style model small enough for a CI step.
+TINY = (
+    '--backbone',
+    'resnet_tiny',
+    '--image_size',
+    '32',
+    '--set',
+    'model.channels=16',
+    '--set',
+    'model.head_channels=8',
+)
+
 
 def run_bench(*args):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
@@ -53,14 +65,7 @@ def test_jax_only_run(tmp_path):
   """No --reference: times the JAX step alone and writes its figures."""
   out = tmp_path / 'r.json'
   p = run_bench(
-      '--backbone',
-      'resnet_tiny',
-      '--image_size',
-      '32',
-      '--set',
-      'model.channels=16',
-      '--set',
-      'model.head_channels=8',
+      *TINY,
       '--alternations',
       '2',
       '--cores',
@@ -81,14 +86,7 @@ def test_jax_only_run(tmp_path):
 def test_bfloat16_jax_only_run(tmp_path):
   out = tmp_path / 'r.json'
   p = run_bench(
-      '--backbone',
-      'resnet_tiny',
-      '--image_size',
-      '32',
-      '--set',
-      'model.channels=16',
-      '--set',
-      'model.head_channels=8',
+      *TINY,
       '--alternations',
       '1',
       '--cores',
