@@ -470,13 +470,28 @@ class JaxStep:
     print(f'JAX trace of one step (Perfetto / TensorBoard): {path}')
 
 
+def huge_pages_mib():
+  """This process's anonymous memory in transparent huge pages, MiB (from
+  /proc/self/smaps_rollup; None where there is none)."""
+  try:
+    with open('/proc/self/smaps_rollup') as f:
+      for line in f:
+        if line.startswith('AnonHugePages:'):
+          return int(line.split()[1]) // 1024
+  except OSError:
+    pass
+  return None
+
+
 def timed(fn):
-  """(wall s, CPU s, loss, minor page faults) of `fn()` in this process."""
+  """(wall s, CPU s, loss, minor page faults, `huge_pages_mib()` after) of
+  `fn()` in this process."""
   f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   t, c = time.perf_counter(), time.process_time()
   loss = fn()
   wall, cpu = time.perf_counter() - t, time.process_time() - c
-  return wall, cpu, loss, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+  return wall, cpu, loss, faults, huge_pages_mib()
 
 
 def _reference_worker(conn, args, config, host):
@@ -618,13 +633,15 @@ def main(argv=None):
       rows['reference'].append(ref.timed_step())
     line = (
         f'alternation {i + 1}: jax {rows["jax"][-1][0]:.2f} s '
-        f'({rows["jax"][-1][1]:.2f} CPU-s, {rows["jax"][-1][3]} faults)'
+        f'({rows["jax"][-1][1]:.2f} CPU-s, {rows["jax"][-1][3]} faults, '
+        f'{rows["jax"][-1][4]} MiB in huge pages)'
     )
     if ref:
       line += (
           f', reference {rows["reference"][-1][0]:.2f} s '
           f'({rows["reference"][-1][1]:.2f} CPU-s, '
-          f'{rows["reference"][-1][3]} faults), ratio '
+          f'{rows["reference"][-1][3]} faults, '
+          f'{rows["reference"][-1][4]} MiB in huge pages), ratio '
           f'{rows["jax"][-1][0] / rows["reference"][-1][0]:.2f}'
       )
     print(line, flush=True)
@@ -667,6 +684,7 @@ def main(argv=None):
           'median_wall_s': statistics.median(r[0] for r in rs),
           'median_cpu_s': statistics.median(r[1] for r in rs),
           'minor_page_faults': [r[3] for r in rs],
+          'anon_huge_pages_mib': [r[4] for r in rs],
       }
   summary = f'median step: jax {res["jax"]["median_wall_s"]:.2f} s'
   if ref:

@@ -798,11 +798,50 @@ def test_upsample_then_conv_on_the_input_grid(size):
     np.testing.assert_allclose(gi, wi, rtol=1e-12, atol=1e-12)
 
 
-def test_upsample_conv_module_has_the_conv_parameters():
+@pytest.mark.parametrize('align_corners', [True, False])
+@pytest.mark.parametrize('size', [(1, 1), (1, 3), (2, 2), (3, 5), (8, 8)])
+def test_upsample_then_conv_with_channels_mixed_first(size, align_corners):
+  """`upsample2x_conv3x3_mixed_first` is `conv3x3(upsample2x(x))`, values
+  and gradients (the border rows and columns, where the taps read padding,
+  included)."""
+  rng = np.random.default_rng(2)
+  x, k, b = (
+      rng.standard_normal((2, *size, 4)),
+      rng.standard_normal((3, 3, 4, 3)),
+      rng.standard_normal(3),
+  )
+
+  def two_steps(x, k, b):
+    up = layers.upsample2x(x, align_corners=align_corners)
+    dn = ('NHWC', 'HWIO', 'NHWC')
+    y = jax.lax.conv_general_dilated(
+        up, k, (1, 1), [(1, 1)] * 2, None, None, dn
+    )
+    return y + b
+
+  def mixed_first(x, k, b):
+    return layers.upsample2x_conv3x3_mixed_first(x, k, b, align_corners)
+
+  def loss(fn):
+    return lambda *a: jnp.sum(jnp.sin(fn(*a)) * jnp.arange(3.0))
+
+  with jax.enable_x64(True):
+    x, k, b = jnp.asarray(x), jnp.asarray(k), jnp.asarray(b)
+    got, want = mixed_first(x, k, b), two_steps(x, k, b)
+    assert got.shape == (2, 2 * size[0], 2 * size[1], 3)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    g = jax.grad(loss(mixed_first), (0, 1, 2))(x, k, b)
+    w = jax.grad(loss(two_steps), (0, 1, 2))(x, k, b)
+  for gi, wi in zip(g, w):
+    np.testing.assert_allclose(gi, wi, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('align_corners', [False, True])
+def test_upsample_conv_module_has_the_conv_parameters(align_corners):
   """Same parameter tree and initial values as `conv(32, 3, 1, 1)`."""
   x = jnp.zeros((1, 4, 4, 8))
   key = jax.random.key(3)
-  new = layers.Upsample2xConv3x3(32).init(key, x)
+  new = layers.Upsample2xConv3x3(32, align_corners=align_corners).init(key, x)
   old = layers.conv(32, 3, 1, 1).init(key, x)
   assert jax.tree.structure(new) == jax.tree.structure(old)
   for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)):

@@ -2,6 +2,7 @@
 recipe it shares with the golden fixtures, the ratio, and bad input."""
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -81,6 +82,35 @@ def test_jax_only_run(tmp_path):
   assert all(t > 0 for t in res['jax']['wall_s'] + res['jax']['cpu_s'])
   assert np.isfinite(res['first_loss']['jax'])
   assert 'reference' not in res and len(res['cores']) == 1
+  # What this process had in transparent huge pages after each step.
+  huge = res['jax']['anon_huge_pages_mib']
+  assert len(huge) == 2
+  if os.path.exists('/proc/self/smaps_rollup'):
+    assert all(isinstance(m, int) and m >= 0 for m in huge)
+
+
+def test_huge_pages_mib_sees_this_process_memory():
+  """64 MiB mapped, advised for huge pages and touched show up in it (where
+  the kernel gives transparent huge pages on request)."""
+  if not os.path.exists('/proc/self/smaps_rollup'):
+    assert vs_reference.huge_pages_mib() is None
+    return
+  before = vs_reference.huge_pages_mib()
+  assert isinstance(before, int) and before >= 0
+  thp = '/sys/kernel/mm/transparent_hugepage/enabled'
+  if not hasattr(mmap, 'MADV_HUGEPAGE') or not os.path.exists(thp):
+    return
+  with open(thp) as f:
+    if '[never]' in f.read():
+      return
+  m = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+  try:
+    m.madvise(mmap.MADV_HUGEPAGE)
+    for i in range(0, len(m), 4096):
+      m[i] = 1
+    assert vs_reference.huge_pages_mib() >= before + 2
+  finally:
+    m.close()
 
 
 def test_bfloat16_jax_only_run(tmp_path):

@@ -57,9 +57,11 @@ class ResidualConvUnit(nn.Module):
 
 
 class FeatureFusionBlock(nn.Module):
-  """`up2x(rcu2(x + rcu1(skip)))`, bilinear with align_corners=True."""
+  """`up2x(rcu2(x + rcu1(skip)))`, bilinear with align_corners=True
+  (`upsample=False`: without the `up2x`, for a caller that fuses it)."""
 
   dtype: Dtype = jnp.float32
+  upsample: bool = True
 
   @nn.compact
   def __call__(self, x, skip=None):
@@ -69,7 +71,7 @@ class FeatureFusionBlock(nn.Module):
     elif self.is_initializing():
       rcu1(x)  # path4's is never used, but it is in every checkpoint.
     x = ResidualConvUnit(self.dtype, name='resConfUnit2')(x)
-    return upsample2x(x, align_corners=True)
+    return upsample2x(x, align_corners=True) if self.upsample else x
 
 
 class AVSModel(nn.Module):
@@ -194,12 +196,12 @@ class AVSModel(nn.Module):
     y = apply_mask(
         FeatureFusionBlock(self.dtype, name='path2')(y, flat[1]), mask4
     )
-    y = apply_mask(
-        FeatureFusionBlock(self.dtype, name='path1')(y, flat[0]), mask4
-    )
-
-    y = conv(
-        self.head_channels, 3, 1, 1, dtype=self.dtype, name='output_conv_0'
+    path1 = FeatureFusionBlock(self.dtype, upsample=False, name='path1')
+    y = apply_mask(path1(y, flat[0]), mask4)  # the mask commutes with up2x
+    # path1's upsample2x(align_corners=True), then output_conv_0's 3x3 conv:
+    # its channels mixed on path1's grid (2.6x fewer FLOPs).
+    y = Upsample2xConv3x3(
+        self.head_channels, self.dtype, True, name='output_conv_0'
     )(y)
     # upsample2x(align_corners=False), then a 3x3 conv: on the input's grid,
     # as the 2x map's four phases [N, H, W, 2, 2, 32]; the ReLU and the 1x1

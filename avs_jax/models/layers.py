@@ -346,6 +346,43 @@ def upsample2x_conv3x3(x, kernel, bias):
   return y
 
 
+def _tap_interp(n, align_corners):
+  """`[2n, 3, n]`: tap `a` of a 3-tap filter with zero padding 1 on the 2x
+  map, at output row `r`, reads `sum_i m[r, a, i] x[i]` (upsampling by 2 of
+  `x [n]`; zero where the tap falls in the padding)."""
+  up = _interp_matrix(n, 2 * n, align_corners)
+  m = np.zeros((2 * n, 3, n), np.float32)
+  for a in range(3):
+    rows = np.arange(2 * n) + a - 1
+    inside = (rows >= 0) & (rows < 2 * n)
+    m[inside, a] = up[rows[inside]]
+  return m
+
+
+def upsample2x_conv3x3_mixed_first(x, kernel, bias, align_corners=True):
+  """`conv3x3(upsample2x(x, align_corners))`, zero padding 1, with the
+  channels mixed on the input's grid: `[N, H, W, C]` -> `[N, 2H, 2W, O]`.
+
+  Upsampling and the taps' shifts act on pixels, the kernel on channels, so
+  they commute: one GEMM makes every tap's `O` outputs at the input's
+  resolution (`[N, H, W, 3, 3, O]`, a quarter of the pixels the conv sees),
+  then two small matmuls along W and H (`_tap_interp`) upsample, shift and
+  sum them. For any bilinear 2x upsampling, align_corners=True included
+  (whose weights vary along the map, so it has no phase form). The
+  decoder's `output_conv_0` at 160x160 (5x40x40x256 -> 5x80x80x128): 2.6x
+  fewer FLOPs than the conv on the upsampled map. Equal to the two-step
+  form in exact arithmetic.
+  """
+  _, h, w, _ = x.shape
+  hp = jax.lax.Precision.HIGHEST
+  th = jnp.asarray(_tap_interp(h, align_corners), x.dtype)
+  tw = jnp.asarray(_tap_interp(w, align_corners), x.dtype)
+  y = jnp.einsum('nijc,abco->nijabo', x, kernel.astype(x.dtype))
+  y = jnp.einsum('qbj,nijabo->niqao', tw, y, precision=hp)
+  y = jnp.einsum('pai,niqao->npqo', th, y, precision=hp)
+  return y + bias.astype(x.dtype)
+
+
 def pixel_shuffle(y):
   """`[N, H, W, 2, 2, C]` phases -> `[N, 2H, 2W, C]` (pixel `(2i+p, 2j+q)`)."""
   n, h, w, _, _, c = y.shape
@@ -353,12 +390,17 @@ def pixel_shuffle(y):
 
 
 class Upsample2xConv3x3(nn.Module):
-  """`conv(features, 3, 1, 1)` applied to `upsample2x(x, False)`, with that
-  conv's parameters (`kernel [3, 3, C, O]`, `bias`), returned as its phases
-  `[N, H, W, 2, 2, O]`: `upsample2x_conv3x3`."""
+  """`conv(features, 3, 1, 1)` applied to `upsample2x(x, align_corners)`,
+  with that conv's parameters (`kernel [3, 3, C, O]`, `bias`).
+
+  align_corners=False: returned as its phases `[N, H, W, 2, 2, O]`
+  (`upsample2x_conv3x3`); True: as the map `[N, 2H, 2W, O]`
+  (`upsample2x_conv3x3_mixed_first`).
+  """
 
   features: int
   dtype: Dtype = jnp.float32
+  align_corners: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -369,7 +411,10 @@ class Upsample2xConv3x3(nn.Module):
     bias = self.param(
         'bias', nn.initializers.zeros, (self.features,), jnp.float32
     )
-    return upsample2x_conv3x3(x.astype(self.dtype), kernel, bias)
+    x = x.astype(self.dtype)
+    if self.align_corners:
+      return upsample2x_conv3x3_mixed_first(x, kernel, bias, True)
+    return upsample2x_conv3x3(x, kernel, bias)
 
 
 class DropPath(nn.Module):
