@@ -209,8 +209,8 @@ def avsegformer_loss(out, batch, config):
   )
 
 
-def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
-  """One optimizer step on a global batch. Returns (state, metrics)."""
+def loss_and_grads(state, batch, audio_vars, *, model, vggish, config):
+  """`(loss, aux, batch_stats), grads` of `loss_fn` at `state.params`."""
   (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params,
       state,
@@ -219,6 +219,14 @@ def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
       model=model,
       vggish=vggish,
       config=config,
+  )
+  return (loss, aux, batch_stats), grads
+
+
+def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
+  """One optimizer step on a global batch. Returns (state, metrics)."""
+  (loss, aux, batch_stats), grads = loss_and_grads(
+      state, batch, audio_vars, model=model, vggish=vggish, config=config
   )
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -100,14 +100,8 @@ def main(argv=None):
 
     @jax.jit
     def f(state, batch, audio_vars):
-      (loss, _), grads = jax.value_and_grad(train.loss_fn, has_aux=True)(
-          state.params,
-          state,
-          batch,
-          audio_vars,
-          model=model,
-          vggish=vggish,
-          config=config,
+      (loss, _, _), grads = train.loss_and_grads(
+          state, batch, audio_vars, model=model, vggish=vggish, config=config
       )
       logits = runtime.forward(
           model,

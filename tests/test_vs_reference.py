@@ -29,10 +29,10 @@ TINY = (
 )
 
 
-def run_bench(*args):
+def run_bench(*args, script='vs_reference.py'):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   return subprocess.run(
-      [sys.executable, os.path.join(REPO, 'bench', 'vs_reference.py'), *args],
+      [sys.executable, os.path.join(REPO, 'bench', script), *args],
       cwd=REPO,
       env=env,
       capture_output=True,
@@ -151,3 +151,73 @@ def test_bad_reference_path_is_one_clear_error(tmp_path):
   assert p.returncode != 0
   assert str(tmp_path) in p.stderr and 'avs_ms3' in p.stderr, p.stderr[-2000:]
   assert 'Traceback' not in p.stderr
+
+
+def test_convolutions_parsed_from_hlo_and_timed_alone():
+  """bench/convolutions.py reads a convolution's shapes, window and FLOPs
+  from compiled HLO, and rebuilds the same convolution from them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import convolutions  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 9, 7, 4)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def f(x, k):
+    a = jax.lax.conv_general_dilated(
+        x, k, (1, 1), [(2, 2)] * 2, None, (2, 2), dn
+    )
+    b = jax.lax.conv_general_dilated(x, k, (2, 1), [(1, 1)] * 2, None, None, dn)
+    return jnp.sum(a**2) + jnp.sum(b**2)  # the gradient needs both
+
+  hlo = jax.jit(jax.grad(f, (0, 1))).lower(x, k).compile().as_text()
+  convs = convolutions.parse_convolutions(hlo)
+  forward = [c for c in convs if c['out'] in ((2, 9, 7, 5), (2, 5, 7, 5))]
+  assert sorted(c['out'] for c in forward) == [(2, 5, 7, 5), (2, 9, 7, 5)]
+  # Forward FLOPs: 2 * output elements * 3 * 3 * 4 inputs.
+  for c in forward:
+    assert c['gflop'] * 1e9 == pytest.approx(2 * np.prod(c['out']) * 36)
+  dilated = [c for c in forward if c['out'] == (2, 9, 7, 5)][0]
+  assert (
+      dilated['rhs_dilation'] == [2, 2] and dilated['padding'] == [(2, 2)] * 2
+  )
+  # Every parsed convolution (the gradients' too) rebuilt with lax gives
+  # its output shape, and the forward ones their values on ones.
+  assert len(convs) >= 4
+  for c in convs:
+    out = convolutions.conv_fn(c)(jnp.ones(c['lhs']), jnp.ones(c['rhs']))
+    assert out.shape == c['out']
+  want = jax.lax.conv_general_dilated(
+      jnp.ones(x.shape),
+      jnp.ones(k.shape),
+      (1, 1),
+      [(2, 2)] * 2,
+      None,
+      (2, 2),
+      dn,
+  )
+  got = convolutions.conv_fn(dilated)(jnp.ones(x.shape), jnp.ones(k.shape))
+  np.testing.assert_allclose(got, want)
+  assert convolutions.time_convolution(dilated, repeats=2) > 0
+
+
+def test_convolutions_bench_runs(tmp_path):
+  out = tmp_path / 'c.json'
+  p = run_bench(
+      *TINY,
+      '--cores',
+      '1',
+      '--repeats',
+      '1',
+      '--json',
+      str(out),
+      script='convolutions.py',
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'convolutions (' in p.stdout and 'GFLOP/s' in p.stdout, p.stdout
+  rows = json.loads(out.read_text())
+  assert rows and all(r['seconds'] > 0 and r['gflop'] > 0 for r in rows)
+  names = ' '.join(r['op_name'] for r in rows)
+  assert 'transpose(' in names  # the backward's convolutions are there
