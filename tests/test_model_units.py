@@ -763,48 +763,10 @@ def test_unknown_backbone_raises():
     init_shapes(model)
 
 
-@pytest.mark.parametrize('size', [(1, 1), (1, 3), (2, 2), (3, 5), (8, 8)])
-def test_upsample_then_conv_on_the_input_grid(size):
-  """`upsample2x_conv3x3` is `conv3x3(upsample2x(x))`, values and gradients."""
-  rng = np.random.default_rng(1)
-  x, k, b = (
-      rng.standard_normal((2, *size, 4)),
-      rng.standard_normal((3, 3, 4, 3)),
-      rng.standard_normal(3),
-  )
-
-  def two_steps(x, k, b):
-    up = layers.upsample2x(x, align_corners=False)
-    dn = ('NHWC', 'HWIO', 'NHWC')
-    y = jax.lax.conv_general_dilated(
-        up, k, (1, 1), [(1, 1)] * 2, None, None, dn
-    )
-    return y + b
-
-  def loss(fn):
-    return lambda *a: jnp.sum(jnp.sin(fn(*a)) * jnp.arange(3.0))
-
-  with jax.enable_x64(True):
-    x, k, b = jnp.asarray(x), jnp.asarray(k), jnp.asarray(b)
-    on_grid = lambda *a: layers.pixel_shuffle(layers.upsample2x_conv3x3(*a))
-    assert layers.upsample2x_conv3x3(x, k, b).shape == (2, *size, 2, 2, 3)
-    got = on_grid(x, k, b)
-    want = two_steps(x, k, b)
-    assert got.shape == (2, 2 * size[0], 2 * size[1], 3)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    g = jax.grad(loss(on_grid), (0, 1, 2))(x, k, b)
-    w = jax.grad(loss(two_steps), (0, 1, 2))(x, k, b)
-  for gi, wi in zip(g, w):
-    np.testing.assert_allclose(gi, wi, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize('align_corners', [True, False])
-@pytest.mark.parametrize('size', [(1, 1), (1, 3), (2, 2), (3, 5), (8, 8)])
-def test_upsample_then_conv_with_channels_mixed_first(size, align_corners):
-  """`upsample2x_conv3x3_mixed_first` is `conv3x3(upsample2x(x))`, values
-  and gradients (the border rows and columns, where the taps read padding,
-  included)."""
-  rng = np.random.default_rng(2)
+def assert_is_upsample_then_conv(fn, size, align_corners, seed):
+  """`fn(x, k, b)` equals `conv3x3(upsample2x(x, align_corners)) + b` (zero
+  padding 1) in float64, values and gradients to 1e-12."""
+  rng = np.random.default_rng(seed)
   x, k, b = (
       rng.standard_normal((2, *size, 4)),
       rng.standard_normal((3, 3, 4, 3)),
@@ -819,21 +781,40 @@ def test_upsample_then_conv_with_channels_mixed_first(size, align_corners):
     )
     return y + b
 
-  def mixed_first(x, k, b):
-    return layers.upsample2x_conv3x3_mixed_first(x, k, b, align_corners)
-
   def loss(fn):
     return lambda *a: jnp.sum(jnp.sin(fn(*a)) * jnp.arange(3.0))
 
   with jax.enable_x64(True):
     x, k, b = jnp.asarray(x), jnp.asarray(k), jnp.asarray(b)
-    got, want = mixed_first(x, k, b), two_steps(x, k, b)
+    got, want = fn(x, k, b), two_steps(x, k, b)
     assert got.shape == (2, 2 * size[0], 2 * size[1], 3)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    g = jax.grad(loss(mixed_first), (0, 1, 2))(x, k, b)
+    g = jax.grad(loss(fn), (0, 1, 2))(x, k, b)
     w = jax.grad(loss(two_steps), (0, 1, 2))(x, k, b)
   for gi, wi in zip(g, w):
     np.testing.assert_allclose(gi, wi, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('size', [(1, 1), (1, 3), (2, 2), (3, 5), (8, 8)])
+def test_upsample_then_conv_on_the_input_grid(size):
+  """`upsample2x_conv3x3` (phases, shuffled) is `conv3x3(upsample2x(x))`."""
+  phases = layers.upsample2x_conv3x3(
+      np.zeros((2, *size, 4)), np.zeros((3, 3, 4, 3)), np.zeros(3)
+  )
+  assert phases.shape == (2, *size, 2, 2, 3)
+  on_grid = lambda *a: layers.pixel_shuffle(layers.upsample2x_conv3x3(*a))
+  assert_is_upsample_then_conv(on_grid, size, False, seed=1)
+
+
+@pytest.mark.parametrize('align_corners', [True, False])
+@pytest.mark.parametrize('size', [(1, 1), (1, 3), (2, 2), (3, 5), (8, 8)])
+def test_upsample_then_conv_with_channels_mixed_first(size, align_corners):
+  """`upsample2x_conv3x3_mixed_first` is `conv3x3(upsample2x(x))` (the
+  border rows and columns, where the taps read padding, included)."""
+  mixed_first = lambda x, k, b: layers.upsample2x_conv3x3_mixed_first(
+      x, k, b, align_corners
+  )
+  assert_is_upsample_then_conv(mixed_first, size, align_corners, seed=2)
 
 
 @pytest.mark.parametrize('align_corners', [False, True])
