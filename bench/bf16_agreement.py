@@ -75,15 +75,12 @@ def main(argv=None):
   import jax.numpy as jnp
   from avs_jax import runtime
   from avs_jax import train
-  from bench.vs_reference import FRAMES, host_inputs, load_config
+  from bench.vs_reference import FRAMES, host_inputs, step_config
   # pylint: enable=g-import-not-at-top
 
-  config = load_config(args.config, args.backbone, [])
-  config.data.image_size = args.image_size
-  config.audio.precompute = False
+  config = step_config(args.config, args.backbone, [], args.image_size)
   b, t, s = args.batch, FRAMES, args.image_size
   batch = host_inputs(args.seed, b, s, s)
-  config.train.dtype = 'float32'
   model32, vggish32 = runtime.build(config)
   variables = jax.jit(lambda: runtime.init_variables(config, model32))()
   audio_vars = vggish32.init(jax.random.key(12345), jnp.zeros((1, 96, 64)))

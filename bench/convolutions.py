@@ -153,10 +153,9 @@ def main(argv=None):
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
   vs_reference.set_xla_flags()
 
-  config = vs_reference.load_config(args.config, args.backbone, args.set)
-  config.data.image_size = args.image_size
-  config.train.dtype = 'float32'
-  config.audio.precompute = False
+  config = vs_reference.step_config(
+      args.config, args.backbone, args.set, args.image_size
+  )
   size = args.image_size
   host = vs_reference.host_inputs(0, args.batch, size, size)
   step = vs_reference.JaxStep(config, host)

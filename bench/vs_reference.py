@@ -197,6 +197,16 @@ def golden_state_dict(shapes):
   }
 
 
+def step_config(path, backbone, overrides, image_size, dtype='float32'):
+  """`load_config` set up for the benched step: `image_size` frames,
+  `dtype` compute, the frozen VGGish in the step (not precomputed)."""
+  config = load_config(path, backbone, overrides)
+  config.data.image_size = image_size
+  config.train.dtype = dtype
+  config.audio.precompute = False
+  return config
+
+
 def host_inputs(seed, batch, h, w):
   """Frames `[B, T, H, W, 3]`, log-mel `[B, T, 96, 64]`, masks `[B, T, H, W]`."""
   rng = np.random.default_rng(seed)
@@ -578,10 +588,9 @@ def main(argv=None):
   # pylint: disable=g-import-not-at-top
   import jax
   # pylint: enable=g-import-not-at-top
-  config = load_config(args.config, args.backbone, args.set)
-  config.data.image_size = args.image_size
-  config.train.dtype = args.dtype
-  config.audio.precompute = False
+  config = step_config(
+      args.config, args.backbone, args.set, args.image_size, args.dtype
+  )
   if config.data.setting != 'ms3':
     raise SystemExit(f'{args.config}: the reference step timed here is MS3')
   host = host_inputs(0, args.batch, args.image_size, args.image_size)

@@ -201,7 +201,7 @@ class AVSModel(nn.Module):
     # path1's upsample2x(align_corners=True), then output_conv_0's 3x3 conv:
     # its channels mixed on path1's grid (2.6x fewer FLOPs).
     y = Upsample2xConv3x3(
-        self.head_channels, self.dtype, True, name='output_conv_0'
+        self.head_channels, self.dtype, align_corners=True, name='output_conv_0'
     )(y)
     # upsample2x(align_corners=False), then a 3x3 conv: on the input's grid,
     # as the 2x map's four phases [N, H, W, 2, 2, 32]; the ReLU and the 1x1

@@ -413,7 +413,7 @@ class Upsample2xConv3x3(nn.Module):
     )
     x = x.astype(self.dtype)
     if self.align_corners:
-      return upsample2x_conv3x3_mixed_first(x, kernel, bias, True)
+      return upsample2x_conv3x3_mixed_first(x, kernel, bias, align_corners=True)
     return upsample2x_conv3x3(x, kernel, bias)
 
 
