@@ -493,6 +493,25 @@ def huge_pages_mib():
   return None
 
 
+# Where the guest kernel counts the free memory it handed back to the VM's
+# host (virtio-balloon free page reporting); absent on most machines.
+PAGE_REPORTING = '/sys/module/page_reporting/parameters/reported_kib'
+
+
+def reported_to_host_mib(path=PAGE_REPORTING):
+  """KiB counter of free page reporting, in MiB (None where there is none).
+
+  The host discards reported pages; memory the step maps again after
+  that is faulted in on the host too, which the guest sees as slow CPU
+  time. Machine-wide, so only differences over a quiet stretch mean much.
+  """
+  try:
+    with open(path) as f:
+      return int(f.read()) // 1024
+  except (OSError, ValueError):
+    return None
+
+
 def timed(fn):
   """(wall s, CPU s, loss, minor page faults, `huge_pages_mib()` after) of
   `fn()` in this process."""
@@ -626,8 +645,10 @@ def main(argv=None):
     os.makedirs(args.profile, exist_ok=True)
 
   first = {}
+  last = reported_to_host_mib()  # after each JAX step
   for _ in range(args.warmup):
     first.setdefault('jax', js.step())
+    last = reported_to_host_mib()
     if ref:
       first.setdefault('reference', ref.step())
   if first:
@@ -636,15 +657,22 @@ def main(argv=None):
         + ', '.join(f'{k} {v:.6f}' for k, v in first.items())
     )
   rows = {'jax': [], 'reference': []}
+  reported = []
   for i in range(args.alternations):
+    now = reported_to_host_mib()
+    reported.append(None if now is None else now - last)
     rows['jax'].append(timed(js.step))
+    last = reported_to_host_mib()
     if ref:
       rows['reference'].append(ref.timed_step())
     line = (
         f'alternation {i + 1}: jax {rows["jax"][-1][0]:.2f} s '
         f'({rows["jax"][-1][1]:.2f} CPU-s, {rows["jax"][-1][3]} faults, '
-        f'{rows["jax"][-1][4]} MiB in huge pages)'
+        f'{rows["jax"][-1][4]} MiB in huge pages'
     )
+    if reported[-1] is not None:
+      line += f'; {reported[-1]} MiB reported free to the VM host before it'
+    line += ')'
     if ref:
       line += (
           f', reference {rows["reference"][-1][0]:.2f} s '
@@ -695,6 +723,7 @@ def main(argv=None):
           'minor_page_faults': [r[3] for r in rs],
           'anon_huge_pages_mib': [r[4] for r in rs],
       }
+  res['jax']['reported_to_host_before_mib'] = reported
   summary = f'median step: jax {res["jax"]["median_wall_s"]:.2f} s'
   if ref:
     res['ratios'], res['median_ratio'] = ratios(

@@ -87,6 +87,22 @@ def test_jax_only_run(tmp_path):
   assert len(huge) == 2
   if os.path.exists('/proc/self/smaps_rollup'):
     assert all(isinstance(m, int) and m >= 0 for m in huge)
+  # What the VM handed back to its host while waiting, where it counts it.
+  reported = res['jax']['reported_to_host_before_mib']
+  assert len(reported) == 2
+  if os.path.exists(vs_reference.PAGE_REPORTING):
+    assert all(isinstance(m, int) and m >= 0 for m in reported)
+  else:
+    assert reported == [None, None]
+
+
+def test_reported_to_host_mib_reads_the_kib_counter(tmp_path):
+  path = tmp_path / 'reported_kib'
+  path.write_text('3147264\n')  # 3,073.5 MiB
+  assert vs_reference.reported_to_host_mib(str(path)) == 3073
+  path.write_text('')
+  assert vs_reference.reported_to_host_mib(str(path)) is None
+  assert vs_reference.reported_to_host_mib(str(tmp_path / 'none')) is None
 
 
 def test_huge_pages_mib_sees_this_process_memory():
