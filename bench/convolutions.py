@@ -134,20 +134,10 @@ def time_convolution(c, repeats):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--config', default='configs/ms3.py')
-  p.add_argument('--backbone', default='resnet50')
-  p.add_argument('--image_size', type=int, default=160)
-  p.add_argument('--batch', type=int, default=1, help='clips per step')
+  vs_reference.add_step_args(p)
   p.add_argument('--cores', type=int, default=2, help='pin to this many')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--top', type=int, default=30, help='rows printed')
-  p.add_argument(
-      '--set',
-      action='append',
-      default=[],
-      metavar='KEY=VALUE',
-      help='config override, e.g. model.channels=16',
-  )
   p.add_argument('--json', default='', help='write every row here')
   args = p.parse_args(argv)
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])

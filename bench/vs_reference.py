@@ -61,6 +61,22 @@ from avs_jax.xla_flags import set_xla_flags, use_huge_pages  # pylint: disable=g
 FRAMES = 5  # the reference's clip length (hard-coded there)
 
 
+def add_step_args(p):
+  """The benched step's flags: --config, --backbone, --image_size, --batch
+  and --set (what `step_config` and `host_inputs` take)."""
+  p.add_argument('--config', default='configs/ms3.py')
+  p.add_argument('--backbone', default='resnet50')
+  p.add_argument('--image_size', type=int, default=160)
+  p.add_argument('--batch', type=int, default=1, help='clips per step')
+  p.add_argument(
+      '--set',
+      action='append',
+      default=[],
+      metavar='KEY=VALUE',
+      help='config override, e.g. model.channels=16',
+  )
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument(
@@ -75,10 +91,7 @@ def parse_args(argv=None):
       help='extra sys.path entries (os.pathsep-separated) with '
       'timm and easydict for the reference',
   )
-  p.add_argument('--config', default='configs/ms3.py')
-  p.add_argument('--backbone', default='resnet50')
-  p.add_argument('--image_size', type=int, default=160)
-  p.add_argument('--batch', type=int, default=1, help='clips per step')
+  add_step_args(p)
   p.add_argument('--alternations', type=int, default=5)
   p.add_argument(
       '--warmup',
@@ -97,13 +110,6 @@ def parse_args(argv=None):
       action='store_true',
       help='torch.set_flush_denormal(True) for the reference '
       '(XLA:CPU flushes denormals; torch does not by default)',
-  )
-  p.add_argument(
-      '--set',
-      action='append',
-      default=[],
-      metavar='KEY=VALUE',
-      help='config override, e.g. model.channels=16',
   )
   p.add_argument(
       '--profile',
