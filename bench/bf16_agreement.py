@@ -29,11 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
+  from bench.vs_reference import add_step_args  # pylint: disable=g-import-not-at-top
+
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--config', default='configs/ms3.py')
-  p.add_argument('--backbone', default='resnet50')
-  p.add_argument('--image_size', type=int, default=224)
-  p.add_argument('--batch', type=int, default=2, help='clips')
+  add_step_args(p)
+  p.set_defaults(image_size=224, batch=2)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--json', default='', help='write the figures here')
   return p.parse_args(argv)
@@ -78,7 +78,7 @@ def main(argv=None):
   from bench.vs_reference import FRAMES, host_inputs, step_config
   # pylint: enable=g-import-not-at-top
 
-  config = step_config(args.config, args.backbone, [], args.image_size)
+  config = step_config(args.config, args.backbone, args.set, args.image_size)
   b, t, s = args.batch, FRAMES, args.image_size
   batch = host_inputs(args.seed, b, s, s)
   model32, vggish32 = runtime.build(config)

@@ -57,6 +57,9 @@ sys.path.insert(0, ROOT)
 # JAX itself is imported in `main`, after `--devices` has set XLA_FLAGS.
 from avs_jax.xla_flags import set_xla_flags, use_huge_pages  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import turns  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # Dense peak TFLOP/s per chip (vendor figures, no sparsity), by compute dtype.
 # Matched against `device.device_kind` by substring, first match wins.
 # float32 on GPUs is the TF32 tensor-core rate (XLA's default matmul precision
@@ -143,6 +146,27 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool(
     'aot_only', False, 'With --aot_tpu: stop after it (no local timing).'
+)
+flags.DEFINE_float(
+    'fill',
+    None,
+    'Search the largest per-device batch whose XLA memory plan fits this fraction of the device memory limit (--batch/--per_device_batch is the start); at most --max_compiles compiles.',
+)
+flags.DEFINE_integer('max_compiles', 3, 'Compiles the --fill search may use.')
+flags.DEFINE_integer(
+    'batch_multiple',
+    4,
+    'The --fill search rounds per-device batches down to this.',
+)
+flags.DEFINE_float(
+    'memory_gib',
+    None,
+    "Device memory limit for --fill where the backend reports none (CPU); default: the device's bytes_limit.",
+)
+flags.DEFINE_string(
+    'turn',
+    None,
+    'DIR/NAME: compile, then wait for DIR/go and time holding DIR/lock (bench/turns.py; bench/gpu_check.py runs benches side by side).',
 )
 flags.DEFINE_string('json', None, 'Write every figure here.')
 # pylint: enable=line-too-long
@@ -422,18 +446,16 @@ def bench():
       optimizer=optimizer,
       config=config,
   )
-  host = random_batch(
-      np.random.default_rng(FLAGS.seed),
-      gbs,
-      FLAGS.frames,
-      FLAGS.image_size,
-      FLAGS.image_size,
-      config.data.setting,
-  )
   audio_vars = jax.jit(
       lambda: vggish.init(jax.random.key(12345), jnp.zeros((1, 96, 64))),
       out_shardings=runtime.replicated(mesh),
   )()
+  step_fn = train_step_fn(jax, runtime, step, shardings, mesh)
+  if FLAGS.fill:
+    gbs = fill_batch(
+        jax, config, step_fn, abstract_state, shardings, mesh, audio_vars, res
+    )
+    config.train.batch_size = config.eval.batch_size = gbs
 
   if FLAGS.aot_tpu:
     res['aot_tpu'] = aot_tpu(
@@ -446,13 +468,15 @@ def bench():
         config.train.fsdp,
     )
   if not (FLAGS.aot_tpu and FLAGS.aot_only):
-    state = None
+    host = host_batch(config, gbs)
+    train_ctx = eval_ctx = None
     if not FLAGS.eval_only:
-      state = time_train_step(
+      train_ctx = compile_train_step(
           jax,
           config,
           mesh,
           step,
+          step_fn,
           abstract_state,
           shardings,
           host,
@@ -460,9 +484,14 @@ def bench():
           res,
       )
     if FLAGS.eval or FLAGS.eval_only:
-      time_eval_step(
-          jax, config, mesh, model, vggish, state, host, audio_vars, res
+      eval_ctx = compile_eval_step(
+          jax, config, mesh, model, vggish, train_ctx, host, audio_vars, res
       )
+    turns.take_turn(FLAGS.turn)  # compiled: time alone (gpu_check)
+    if train_ctx:
+      time_train_step(jax, train_ctx, res)
+    if eval_ctx:
+      time_eval_step(jax, eval_ctx, train_ctx, res)
     res['device_peak_bytes'] = device_peak_bytes(jax.local_devices())
     res['rss_peak_bytes'] = rss_peak_bytes()
     print(
@@ -475,28 +504,157 @@ def bench():
   return res
 
 
-def time_train_step(
-    jax, config, mesh, step, abstract_state, shardings, host, audio_vars, res
-):
-  """Compiles and times the train step; fills `res`; returns the state."""
-  from avs_jax import runtime  # pylint: disable=g-import-not-at-top  # see main
-
-  gbs, ndev = res['global_batch'], res['devices']
-  data = runtime.batch_sharding(mesh)
-  step_fn = jax.jit(
-      step,
-      in_shardings=(shardings, data, runtime.replicated(mesh)),
-      out_shardings=(shardings, runtime.replicated(mesh)),
-      donate_argnums=(0,),
+def host_batch(config, gbs):
+  """The step's host batch of `gbs` clips; `audio` embeddings `[B, T, 128]`
+  in place of `log_mel` when VGGish runs once per clip outside the step."""
+  host = random_batch(
+      np.random.default_rng(FLAGS.seed),
+      gbs,
+      FLAGS.frames,
+      FLAGS.image_size,
+      FLAGS.image_size,
+      config.data.setting,
   )
-  if config.audio.precompute:  # VGGish ran once per clip, outside the step
+  if config.audio.precompute:
     host = {k: v for k, v in host.items() if k != 'log_mel'}
     host['audio'] = np.abs(
         np.random.default_rng(FLAGS.seed).standard_normal(
             (gbs, FLAGS.frames, 128), np.float32
         )
     )
-  batch = jax.block_until_ready(runtime.to_device(host, data))
+  return host
+
+
+def train_step_fn(jax, runtime, step, shardings, mesh):
+  """The train step jitted exactly as `train_and_evaluate` does."""
+  return jax.jit(
+      step,
+      in_shardings=(
+          shardings,
+          runtime.batch_sharding(mesh),
+          runtime.replicated(mesh),
+      ),
+      out_shardings=(shardings, runtime.replicated(mesh)),
+      donate_argnums=(0,),
+  )
+
+
+def device_memory_limit(jax):
+  """Bytes one device may allocate: `--memory_gib`, else its bytes_limit."""
+  if FLAGS.memory_gib:
+    return int(FLAGS.memory_gib * 2**30)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'bytes_limit' not in stats:
+    raise SystemExit(
+        '--fill: this backend reports no memory limit; give --memory_gib'
+    )
+  return int(stats['bytes_limit'])
+
+
+def fill_batch(
+    jax, config, step_fn, abstract_state, shardings, mesh, audio_vars, res
+):
+  """Largest global batch whose memory plan fits `--fill` x the limit.
+
+  XLA's plan (`memory_of`) of the step at the start batch `p0` (per device)
+  bounds the per-clip memory by `plan / p0`; the batch that bound allows is
+  compiled next, and a line through the two plans gives a third try. Each
+  try is one compile (on GPUs without autotuning: the plan, not the kernels,
+  is wanted); batches are multiples of `--batch_multiple` per device.
+  """
+  ndev = jax.device_count()
+  limit = int(FLAGS.fill * device_memory_limit(jax))
+  m = FLAGS.batch_multiple
+  options = (
+      {'xla_gpu_autotune_level': 0}
+      if jax.devices()[0].platform == 'gpu'
+      else None
+  )
+  from avs_jax import runtime  # pylint: disable=g-import-not-at-top  # see main
+
+  data = runtime.batch_sharding(mesh)
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  state = jax.tree_util.tree_map(sds, abstract_state, shardings)
+  tries = {}
+
+  def plan(p):
+    if p not in tries and len(tries) < FLAGS.max_compiles:
+      batch = {
+          k: jax.ShapeDtypeStruct(
+              (p * ndev,) + v.shape[1:], v.dtype, sharding=data
+          )
+          for k, v in host_batch(config, 1).items()
+      }
+      t0 = time.perf_counter()
+      compiled = step_fn.lower(state, batch, audio_vars).compile(options)
+      tries[p] = memory_of(compiled).get('xla_peak_estimate_bytes', 0)
+      print(
+          f'fill: {p} clips/device -> plan {fmt_bytes(tries[p])} of '
+          f'{fmt_bytes(limit)} ({time.perf_counter() - t0:.0f} s compile)',
+          flush=True,
+      )
+    return tries.get(p)
+
+  down = lambda x: max(m, int(x) // m * m)
+  p0 = (FLAGS.per_device_batch or (FLAGS.batch or 8) // ndev) or 1
+  m0 = plan(p0)
+  while m0 > limit and p0 > 1 and len(tries) < FLAGS.max_compiles:
+    p0 = max(1, p0 // 2)
+    m0 = plan(p0)
+  best = p0 if m0 <= limit else None
+  p1 = down(limit * p0 / m0)  # plan / p0 bounds the memory per clip
+  if best and p1 > p0:
+    if plan(p1) is None:  # no compile left: take the bound
+      best = p1
+    elif tries[p1] <= limit:
+      best = p1
+    if p1 in tries and tries[p1] > m0:  # a line through the two plans
+      slope = (tries[p1] - m0) / (p1 - p0)
+      p2 = down((limit - (m0 - slope * p0)) / slope)
+      if p2 not in tries and plan(p2) is not None and tries[p2] <= limit:
+        best = max(best, p2)
+  if best is None:
+    raise SystemExit(
+        f'--fill: even {p0} clip(s) per device need '
+        f'{fmt_bytes(m0)} > {fmt_bytes(limit)}'
+    )
+  res['fill'] = {
+      'compiled': best in tries,
+      'fraction': FLAGS.fill,
+      'limit_bytes': limit,
+      'plans_bytes': {str(k): v for k, v in sorted(tries.items())},
+      'per_device_batch': best,
+  }
+  gbs = best * ndev
+  res['global_batch'], res['per_device_batch'] = gbs, best
+  print(
+      f'fill: {best} clips/device (global batch {gbs}): '
+      + ('the largest tried' if best in tries else 'the bound')
+      + f' whose plan fits {FLAGS.fill:g} x {fmt_bytes(limit / FLAGS.fill)}',
+      flush=True,
+  )
+  return gbs
+
+
+def compile_train_step(
+    jax,
+    config,
+    mesh,
+    step,
+    step_fn,
+    abstract_state,
+    shardings,
+    host,
+    audio_vars,
+    res,
+):
+  """State and batch on the devices, the step compiled; fills `res`."""
+  from avs_jax import runtime  # pylint: disable=g-import-not-at-top  # see main
+
+  ndev = res['devices']
+  batch = jax.block_until_ready(
+      runtime.to_device(host, runtime.batch_sharding(mesh))
+  )
   t0 = time.perf_counter()
   if FLAGS.init == 'model':
     state = runtime.initial_state(
@@ -518,13 +676,27 @@ def time_train_step(
   res['flops_per_step_per_device'] = flops
   res['flops_per_step'] = flops * ndev if flops else None
   res['train_memory'] = memory_of(compiled)
-  print(f'train compile: lower {t1 - t0:.1f} s + compile {t2 - t1:.1f} s')
+  print(
+      f'train compile: lower {t1 - t0:.1f} s + compile {t2 - t1:.1f} s',
+      flush=True,
+  )
+  return {
+      'compiled': compiled,
+      'state': state,
+      'batch': batch,
+      'audio_vars': audio_vars,
+      'flops': flops,
+  }
 
+
+def time_train_step(jax, ctx, res):
+  """Times the compiled train step; fills `res`; `ctx['state']` advances."""
+  gbs, ndev = res['global_batch'], res['devices']
+  compiled, batch, audio_vars = ctx['compiled'], ctx['batch'], ctx['audio_vars']
   first, last = {}, [None]
 
   def run_one():
-    nonlocal state
-    state, m = compiled(state, batch, audio_vars)
+    ctx['state'], m = compiled(ctx['state'], batch, audio_vars)
     if not first:
       first.update(jax.device_get(m))
     last[0] = m
@@ -550,7 +722,7 @@ def time_train_step(
   report(
       'train',
       res,
-      flops,
+      ctx['flops'],
       step_s,
       pipelined,
       gbs,
@@ -570,20 +742,19 @@ def time_train_step(
       for _ in range(2):
         jax.block_until_ready(run_one())
     print(f'  profile of 2 steps: {FLAGS.profile}')
-  return state
 
 
-def time_eval_step(
-    jax, config, mesh, model, vggish, state, host, audio_vars, res
+def compile_eval_step(
+    jax, config, mesh, model, vggish, train_ctx, host, audio_vars, res
 ):
-  """Compiles and times the evaluation step (`evaluate.eval_step`)."""
+  """Compiles the evaluation step (`evaluate.eval_step`); fills `res`."""
   # pylint: disable=g-import-not-at-top  # see main
   from avs_jax import evaluate
   from avs_jax import runtime
   # pylint: enable=g-import-not-at-top
-  gbs, ndev = res['global_batch'], res['devices']
-  if state is not None:
-    variables = state.variables
+  ndev = res['devices']
+  if train_ctx is not None:
+    variables = train_ctx['state'].variables
   else:
     variables = jax.jit(
         lambda: runtime.init_variables(config, model),
@@ -591,7 +762,7 @@ def time_eval_step(
     )()
   evaluator = evaluate.Evaluator(config, model, vggish, mesh, audio_vars)
   batch = runtime.to_device(
-      {k: host[k] for k in ('frames', 'log_mel', 'masks', 'valid')},
+      {k: v for k, v in host.items() if k in runtime.DEVICE_KEYS},
       evaluator.sharding,
   )
   t0 = time.perf_counter()
@@ -605,7 +776,21 @@ def time_eval_step(
   )
   res['eval_flops_per_step'] = eflops * ndev if eflops else None
   res['eval_memory'] = memory_of(compiled)
-  print(f'eval compile: {res["eval_compile_s"]:.1f} s')
+  print(f'eval compile: {res["eval_compile_s"]:.1f} s', flush=True)
+  return {
+      'compiled': compiled,
+      'variables': variables,
+      'batch': batch,
+      'audio_vars': audio_vars,
+      'flops': eflops,
+  }
+
+
+def time_eval_step(jax, ctx, train_ctx, res):
+  """Times the compiled eval step, on the trained variables if any."""
+  gbs, ndev = res['global_batch'], res['devices']
+  variables = train_ctx['state'].variables if train_ctx else ctx['variables']
+  compiled, batch, audio_vars = ctx['compiled'], ctx['batch'], ctx['audio_vars']
   times, pipelined, cpu = time_steps(
       lambda: compiled(variables, audio_vars, batch),
       FLAGS.steps,
@@ -624,7 +809,7 @@ def time_eval_step(
   report(
       'eval',
       res,
-      eflops,
+      ctx['flops'],
       es,
       pipelined,
       gbs,

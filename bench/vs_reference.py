@@ -58,6 +58,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from avs_jax.xla_flags import set_xla_flags, use_huge_pages  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import turns  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 FRAMES = 5  # the reference's clip length (hard-coded there)
 
 
@@ -143,6 +146,12 @@ def parse_args(argv=None):
       default='float32',
       help='compute dtype: train.dtype for JAX, torch.autocast for the '
       'reference',
+  )
+  p.add_argument(
+      '--turn',
+      default='',
+      help='DIR/NAME: after the compile, wait for DIR/go and time holding '
+      'DIR/lock (bench/turns.py, as bench/gpu_check.py runs it)',
   )
   p.add_argument('--json', default='', help='write the figures here')
   return p.parse_args(argv)
@@ -649,6 +658,7 @@ def main(argv=None):
   print(f'JAX compile: {js.compile_s:.1f} s')
   if args.profile:
     os.makedirs(args.profile, exist_ok=True)
+  turns.take_turn(args.turn)
 
   first = {}
   last = reported_to_host_mib()  # after each JAX step
