@@ -82,24 +82,6 @@ def test_train_and_eval_step_on_two_simulated_devices(tmp_path):
     assert res['first_step_metrics'][k] > 0
 
 
-def test_avsegformer_train_step(tmp_path):
-  """The AVSegFormer row: its step, its optimizer (AdamW groups), figures."""
-  stdout, res = run_bench(
-      tmp_path,
-      '--batch',
-      '1',
-      model=(
-          '--config=configs/synthetic_avsegformer.py',
-          '--image_size',
-          '64',
-      ),
-  )
-  assert 'model=avsegformer' in stdout, stdout
-  assert res['model'] == 'avsegformer' and res['channels'] == 32
-  assert res['step_s'] > 0 and res['flops_per_step'] > 0
-  assert 0 < res['first_step_metrics']['loss'] < 10
-
-
 def test_peak_table():
   sys.path.insert(0, os.path.join(ROOT, 'bench'))
   try:

@@ -35,43 +35,34 @@ def test_cpu_mode_runs_every_job_kind(tmp_path):
   with open(tmp_path / 'gpu_check.json') as f:
     jobs = json.load(f)['jobs']
   assert {n: j['status'] for n, j in jobs.items()} == {n: 'ok' for n in jobs}
-  assert set(jobs) == {
-      'probe',
-      'tests_avs',
-      'speed_resnet50_bfloat16',
-      'reference_resnet50_bfloat16',
-      'speed_pvt_v2_b5_float32',
-      'reference_pvt_v2_b5_float32',
-      'bf16_resnet50',
-      'avsegformer_resnet50_bfloat16',
-  }
+  assert set(jobs) == set(gpu_check.CPU_JOBS)
   probe = jobs['probe']['result']
   assert probe['platform'] == 'cpu'
   assert probe['matmul_f32_default_is'] == 'float32'  # the CPU has no TF32
   assert probe['versions']['jax']
   tests = jobs['tests_avs']['result']
   assert tests['passed'] > 0 and tests['failed'] == 0
-  for name in ('speed_resnet50_bfloat16', 'speed_pvt_v2_b5_float32'):
-    r = jobs[name]['result']
-    fill = r['fill']
-    # The bound from the first plan, at most the limit, multiple of 2.
-    assert fill['per_device_batch'] % 2 == 0
-    assert r['global_batch'] == fill['per_device_batch']
-    plans = {int(k): v for k, v in fill['plans_bytes'].items()}
-    assert all(
-        v <= fill['limit_bytes']
-        for k, v in plans.items()
-        if k == fill['per_device_batch']
-    )
-    assert r['clips_per_s'] > 0 and r['eval_clips_per_s'] > 0
-    assert r['flops_per_step'] > 0
-  assert jobs['speed_resnet50_bfloat16']['result']['dtype'] == 'bfloat16'
-  for name in ('reference_resnet50_bfloat16', 'reference_pvt_v2_b5_float32'):
-    r = jobs[name]['result']
-    assert r['jax']['median_wall_s'] > 0  # no reference source in CI
+  r = jobs['speed_resnet50_bfloat16']['result']
+  assert r['dtype'] == 'bfloat16' and r['backbone'] == 'resnet_tiny'
+  fill = r['fill']
+  plans = {int(k): v for k, v in fill['plans_bytes'].items()}
+  # The chosen batch: compiled, its plan within the limit, a multiple of 2;
+  # every larger batch tried was over the limit.
+  best = fill['per_device_batch']
+  assert best % 2 == 0 and r['global_batch'] == best
+  assert plans[best] <= fill['limit_bytes']
+  assert all(v > fill['limit_bytes'] for k, v in plans.items() if k > best)
+  assert r['clips_per_s'] > 0 and r['eval_clips_per_s'] > 0
+  assert r['flops_per_step'] > 0
+  r = jobs['reference_pvt_v2_b5_float32']['result']
+  assert r['dtype'] == 'float32' and r['backbone'] == 'pvt_v2_b0'
+  assert r['jax']['median_wall_s'] > 0  # no reference source in CI
   bf16 = jobs['bf16_resnet50']['result']['bfloat16']
   assert 0.9 < bf16['grad_cosine'] <= 1.0 + 1e-6
-  assert jobs['avsegformer_resnet50_bfloat16']['result']['step_s'] > 0
+  r = jobs['avsegformer_resnet50_bfloat16']['result']
+  assert r['model'] == 'avsegformer' and r['channels'] == 32
+  assert r['step_s'] > 0 and r['flops_per_step'] > 0
+  assert 0 < r['first_step_metrics']['loss'] < 10
   log = (tmp_path / 'gpu_check.log').read_text()
   for name in jobs:
     assert f'===== {name}: ok' in log
@@ -106,7 +97,9 @@ def test_turns_keep_timed_sections_apart(tmp_path):
   assert all(p.poll() is None for p in procs)  # waiting for the go
   go = time.time()
   (tmp_path / 'go').touch()
-  spans = sorted(tuple(map(float, p.communicate()[0].split())) for p in procs)
+  outs = [p.communicate()[0].splitlines() for p in procs]
+  assert all(o[0].startswith('turn job') for o in outs)  # said when it got it
+  spans = sorted(tuple(map(float, o[-1].split())) for o in outs)
   assert spans[0][0] >= go - 0.01
   for (_, end), (start, _) in zip(spans, spans[1:]):
     assert start >= end - 1e-3
