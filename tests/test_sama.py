@@ -9,6 +9,7 @@ SAM's released ViT-B checkpoint and of SAMA-AVS state dicts (ViT-B, ViT-H).
 """
 
 import functools
+import importlib
 import json
 import os
 
@@ -359,3 +360,30 @@ def test_bfloat16_keeps_float32_params_and_the_output():
       jnp.dtype(jnp.float32)
   }
   assert rel(out['logits'], forward('einsum')['logits']) < 5e-2
+
+
+@pytest.mark.parametrize(
+    'name,arg,width,depth',
+    [
+        ('sama_s4', None, 768, 12),
+        ('sama_s4', 'vit_h', 1280, 32),
+        ('sama_ms3', 'vit_l', 1024, 24),
+        ('synthetic_sama', None, 64, 4),
+    ],
+)
+def test_configs_build_the_model(name, arg, width, depth):
+  config = importlib.import_module(f'configs.{name}').get_config(arg)
+  assert config.model.name == 'sama' and config.loss.loss in losses.LOSSES
+  model = sama.build_model(config.model)
+  spec = model.encoder_spec()
+  assert (spec['embed_dim'], spec['depth']) == (width, depth)
+  if name == 'synthetic_sama':  # small enough to build here
+    s = config.model.image_size
+    assert config.data.image_size == s
+    shapes = jax.eval_shape(
+        model.init,
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, 2, s, s, 3), jnp.float32),
+        jax.ShapeDtypeStruct((1, 2, 128), jnp.float32),
+    )
+    assert shapes['params']['no_mask_embed']['embedding'].shape == (1, 64)
