@@ -74,9 +74,9 @@ def attention(q, k, v, bias, impl):
   """Softmax attention, `q [N, L, h, d]`, `k, v [N, M, h, d]`, `bias`
   broadcastable to `[N, h, L, M]` or None -> `[N, L, h, d]`.
 
-  `impl='dot_product'`: `jax.nn.dot_product_attention` (its softmax is in
-  float32); `'einsum'`: the plain computation in the inputs' dtype (float64
-  parity tests).
+  `impl='dot_product'`: `jax.nn.dot_product_attention`; `'einsum'`: the
+  plain computation (float64 parity tests: `dot_product_attention` takes its
+  softmax in float32). Both take the softmax in at least float32.
   """
   scale = q.shape[-1] ** -0.5
   if impl == 'dot_product':
@@ -86,7 +86,9 @@ def attention(q, k, v, bias, impl):
   logits = jnp.einsum('nlhd,nmhd->nhlm', q * scale, k)
   if bias is not None:
     logits = logits + bias
-  return jnp.einsum('nhlm,nmhd->nlhd', jax.nn.softmax(logits, axis=-1), v)
+  wide = jnp.promote_types(logits.dtype, jnp.float32)
+  probs = jax.nn.softmax(logits.astype(wide), axis=-1).astype(v.dtype)
+  return jnp.einsum('nhlm,nmhd->nlhd', probs, v)
 
 
 def _rel_index(size):
@@ -308,21 +310,23 @@ class ImageEncoderViT(nn.Module):
 
 class PositionEmbeddingRandom(nn.Module):
   """Random-Fourier positions of the pixel centres of an `s x s` grid:
-  `[s, s, 2 F]` (sin, then cos), coordinates (x, y) in [0, 1]."""
+  `[s, s, 2 F]` (sin, then cos), coordinates (x, y) in [0, 1]; computed in
+  at least float32 (the phases reach tens of radians), returned in `dtype`."""
 
   num_pos_feats: int = 128
 
   @nn.compact
   def __call__(self, s, dtype):
+    wide = jnp.promote_types(dtype, jnp.float32)
     g = self.param(
         'positional_encoding_gaussian_matrix',
         nn.initializers.normal(1.0),
         (2, self.num_pos_feats),
-    ).astype(dtype)
-    c = (jnp.arange(s, dtype=dtype) + 0.5) / s
+    ).astype(wide)
+    c = (jnp.arange(s, dtype=wide) + 0.5) / s
     xy = jnp.stack(jnp.meshgrid(c, c, indexing='xy'), -1)  # [s, s, (x, y)]
     xy = 2 * math.pi * ((2 * xy - 1) @ g)
-    return jnp.concatenate([jnp.sin(xy), jnp.cos(xy)], -1)
+    return jnp.concatenate([jnp.sin(xy), jnp.cos(xy)], -1).astype(dtype)
 
 
 class DecoderAttention(nn.Module):
@@ -565,13 +569,13 @@ class SAMA(nn.Module):
     masks, iou = MaskDecoder(
         self.prompt_embed_dim, impl=self.attention, dtype=d, name='mask_decoder'
     )(emb + dense[0].astype(d), pe)
-    low = masks[..., :1]  # multimask_output=False: mask 0
-    up = resize_bilinear(low, (h, w), align_corners=False)[..., 0]
     wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    low = wide(masks[..., :1])  # multimask_output=False: mask 0
+    up = resize_bilinear(low, (h, w), align_corners=False)[..., 0]
     per_frame = lambda x: x.reshape((b, t) + x.shape[1:])
     return dict(
         logits=per_frame(wide(up)),
-        low_res_logits=per_frame(wide(low[..., 0])),
+        low_res_logits=per_frame(low[..., 0]),
         image_embedding=per_frame(emb),
         iou_pred=per_frame(wide(iou[:, 0])),
     )
