@@ -387,3 +387,45 @@ def test_configs_build_the_model(name, arg, width, depth):
         jax.ShapeDtypeStruct((1, 2, 128), jnp.float32),
     )
     assert shapes['params']['no_mask_embed']['embedding'].shape == (1, 64)
+
+
+def test_sam_checkpoint_errors_name_the_keys():
+  """A SAM-layout checkpoint for the tiny model (its image encoder and mask
+  decoder, SAM's own `prompt_encoder.*`) with one key missing, one
+  unexpected and one mis-shaped."""
+  d = load()
+  sam_layout = d['layouts']['sam_vit_b']
+  sd = {
+      k: v
+      for k, v in _tiny_sd().items()
+      if k.startswith(('image_encoder.', 'mask_decoder.'))
+      and not k.startswith('image_encoder.prompt_generator.')
+  }
+  sd.update(
+      rebuild_state_dict(
+          {
+              k: s
+              for k, s in sam_layout.items()
+              if k.startswith('prompt_encoder.')
+          }
+      )
+  )
+  params = golden_variables(d)['params']
+  assert convert.sam_to_flax(dict(sd), d['mcfg'], params)  # converts whole
+  del sd['image_encoder.neck.2.weight']
+  sd['mask_decoder.transformer.layers.2.norm1.bias'] = np.zeros(256, np.float32)
+  sd['mask_decoder.output_upscaling.0.weight'] = np.zeros(
+      (64, 256, 2, 2), np.float32
+  )
+  with pytest.raises(convert.ConversionError) as e:
+    convert.sam_to_flax(sd, d['mcfg'], params)
+  lines = {l.split(':')[0].strip(): l for l in str(e.value).splitlines()[1:]}
+  assert 'image_encoder.neck.2.weight' in lines['missing keys (2)']
+  assert (
+      'mask_decoder.transformer.layers.2.norm1.bias'
+      in lines['unexpected keys (1)']
+  )
+  assert (
+      'mask_decoder.output_upscaling.0.weight: checkpoint (64, 256, 2, 2)'
+      in lines['shape mismatches']
+  )

@@ -22,6 +22,7 @@ named in the `ConversionError`, under the checkpoint's own names.
 """
 
 import functools
+import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -101,6 +102,13 @@ def _map(sd, target, source):
     msg = str(e)
     for emb in _EMBEDDINGS:
       msg = msg.replace(emb + 'embedding', emb + 'weight')
+    for key in _CONV_T:  # the shape as in the checkpoint, not pre-permuted
+      msg = re.sub(
+          re.escape(key) + r': checkpoint \((\d+), (\d+),',
+          lambda m: f'{m.group(0).split(":")[0]}: checkpoint '
+          f'({m.group(2)}, {m.group(1)},',
+          msg,
+      )
     raise ConversionError(msg) from None
 
 
