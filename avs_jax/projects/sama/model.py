@@ -505,7 +505,7 @@ class SAMA(nn.Module):
 
   `__call__(frames [B, T, H, W, 3], audio [B, T, 128], train=False)` returns
   `logits [B, T, H, W]` (float32 or wider), `low_res_logits
-  [B, T, 4s, 4s]`, `image_embedding [B, T, s, s, 256]` and `iou_pred
+  [B, T, 4s, 4s]`, `image_embedding [B, T, s, s, prompt_embed_dim]` and `iou_pred
   [B, T]` (s = H / patch_size). `train` is unused (no dropout, no
   BatchNorm); it is there for the project's model interface.
   """
@@ -524,6 +524,8 @@ class SAMA(nn.Module):
   dtype: Dtype = jnp.float32
 
   def encoder_spec(self):
+    """`ENCODERS[encoder]`, with the fields set here (non-zero) overriding;
+    `encoder='custom'` takes them all from here (tiny ViTs)."""
     spec = dict(ENCODERS.get(self.encoder, {}))
     if self.encoder != 'custom' and not spec:
       raise ValueError(
