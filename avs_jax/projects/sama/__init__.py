@@ -1,0 +1,1 @@
+"""SAMA-AVS: SAM with audio prompts (docs/SAMA.md)."""
