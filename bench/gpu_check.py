@@ -380,171 +380,69 @@ def make_jobs(args, work):
   else:
     for name, files in GOLDEN_TESTS:
       jobs.append(tests(name, files, 'highest', ('-k', NOT_ON_DEVICE)))
-  tiny = {
-      'resnet50': ['--backbone', 'resnet_tiny'],
-      'pvt_v2_b5': ['--backbone', 'pvt_v2_b0'],
-  }
+  tiny = {'resnet50': 'resnet_tiny', 'pvt_v2_b5': 'pvt_v2_b0'}
+  cores = len(os.sched_getaffinity(0))
+
+  def job(name, script, flags, timed=True):
+    """A bench writing `name`.json; `flags` a string, split on spaces."""
+    out = os.path.join(work, name + '.json')
+    argv = [py, bench(script), *flags.split(), '--json', out]
+    if timed:
+      argv += ['--turn', os.path.join(work, name)]
+    return Job(name, argv, timed=timed, result=out)
+
   for bb, dtype in [(bb, dt) for dt in DTYPES for bb in BACKBONES]:
-    name = f'speed_{bb}_{dtype}'
-    out = os.path.join(work, name + '.json')
-    argv = [
-        py,
-        bench('train_step.py'),
-        '--config',
-        'configs/ms3.py',
-        '--image_size',
-        size,
-        '--dtype',
-        dtype,
-        '--eval',
-        '--init',
-        'host',
-        '--steps',
-        '5',
-        '--warmup',
-        '2',
-        '--config.audio.precompute=False',
-        '--fill',
-        str(args.fill),
-        '--batch',
-        '8',
-        '--turn',
-        os.path.join(work, name),
-        '--json',
-        out,
-    ]
+    flags = (
+        f'--config configs/ms3.py --image_size {size} --dtype {dtype} --init '
+        f'host --steps 5 --warmup 2 --config.audio.precompute=False --fill '
+        f'{args.fill} --batch 8'
+    )
     if cpu:
-      argv += tiny[bb] + [
-          '--config.model.channels=16',
-          '--frames',
-          '2',
-          '--steps',
-          '1',
-          '--warmup',
-          '0',
-          '--batch',
-          '2',
-          '--batch_multiple',
-          '2',
-          '--memory_gib',
-          '1',
-          '--max_compiles',
-          '2',
-      ]
+      flags += (
+          f' --eval --backbone {tiny[bb]} --config.model.channels=16 --frames'
+          ' 2 --steps 1 --warmup 0 --batch 2 --batch_multiple 2 --memory_gib'
+          ' 1 --max_compiles 2'
+      )
     else:  # one compile without autotuning bounds the batch (--fill)
-      argv += ['--backbone', bb, '--max_compiles', '1']
-      if dtype == 'float32':  # the eval step once per backbone
-        argv.remove('--eval')
-    jobs.append(Job(name, argv, timed=True, result=out))
-    name = f'reference_{bb}_{dtype}'
-    out = os.path.join(work, name + '.json')
-    argv = [
-        py,
-        bench('vs_reference.py'),
-        '--config',
-        'configs/ms3.py',
-        '--image_size',
-        size,
-        '--dtype',
-        dtype,
-        '--alternations',
-        '5',
-        '--warmup',
-        '1',
-        '--cores',
-        str(len(os.sched_getaffinity(0))),
-        '--turn',
-        os.path.join(work, name),
-        '--json',
-        out,
-    ]
+      flags += f' --backbone {bb} --max_compiles 1'
+      flags += ' --eval' if dtype == 'bfloat16' else ''  # once per backbone
+    jobs.append(job(f'speed_{bb}_{dtype}', 'train_step.py', flags))
+    flags = (
+        f'--config configs/ms3.py --image_size {size} --dtype {dtype} '
+        f'--alternations 5 --warmup 1 --cores {cores}'
+    )
     if cpu:
-      argv += tiny[bb][:2] + [
-          '--set',
-          'model.channels=16',
-          '--batch',
-          '1',
-          '--alternations',
-          '2',
-      ]
+      flags += (
+          f' --backbone {tiny[bb]} --set model.channels=16 --batch 1'
+          ' --alternations 2'
+      )
     else:
-      argv += [
-          '--backbone',
-          bb,
-          '--batch',
-          str(args.reference_batch),
-          '--device',
-          'cuda',
-          '--same_process',
-      ]
+      flags += (
+          f' --backbone {bb} --batch {args.reference_batch} --device cuda'
+          ' --same_process'
+      )
       if os.path.isdir(args.reference):
-        argv += [
-            '--reference',
-            args.reference,
-            '--reference_path',
-            args.reference_path,
-        ]
-    jobs.append(Job(name, argv, timed=True, result=out))
+        flags += (
+            f' --reference {args.reference} --reference_path'
+            f' {args.reference_path}'
+        )
+    jobs.append(job(f'reference_{bb}_{dtype}', 'vs_reference.py', flags))
   for bb in BACKBONES:
-    name = f'bf16_{bb}'
-    out = os.path.join(work, name + '.json')
-    argv = [
-        py,
-        bench('bf16_agreement.py'),
-        '--image_size',
-        size,
-        '--batch',
-        '2',
-        '--json',
-        out,
-    ]
-    argv += tiny[bb][:2] if cpu else ['--backbone', bb]
-    if cpu:
-      argv += ['--set', 'model.channels=16']
-    jobs.append(Job(name, argv, result=out))
-  name = 'avsegformer_resnet50_bfloat16'
-  out = os.path.join(work, name + '.json')
-  argv = [
-      py,
-      bench('train_step.py'),
-      '--image_size',
-      size,
-      '--dtype',
-      'bfloat16',
-      '--init',
-      'host',
-      '--turn',
-      os.path.join(work, name),
-      '--json',
-      out,
-  ]
+    flags = f'--image_size {size} --batch 2 --backbone '
+    flags += f'{tiny[bb]} --set model.channels=16' if cpu else bb
+    jobs.append(job(f'bf16_{bb}', 'bf16_agreement.py', flags, timed=False))
   if cpu:  # the demo's small AVSegFormer
-    argv += [
-        '--config',
-        'configs/synthetic_avsegformer.py',
-        '--frames',
-        '2',
-        '--steps',
-        '1',
-        '--warmup',
-        '0',
-        '--batch',
-        '2',
-    ]
+    flags = (
+        '--config configs/synthetic_avsegformer.py --frames 2 --steps 1 '
+        '--warmup 0 --batch 2'
+    )
   else:
-    argv += [
-        '--config',
-        'configs/avsegformer_ms3.py',
-        '--backbone',
-        'resnet50',
-        '--steps',
-        '5',
-        '--warmup',
-        '2',
-        '--batch',
-        '8',
-    ]
-  jobs.append(Job(name, argv, timed=True, result=out))
+    flags = (
+        '--config configs/avsegformer_ms3.py --backbone resnet50 --steps 5 '
+        '--warmup 2 --batch 8'
+    )
+  flags += f' --image_size {size} --dtype bfloat16 --init host'
+  jobs.append(job('avsegformer_resnet50_bfloat16', 'train_step.py', flags))
   if not cpu:
     jobs.append(
         tests('tests_default_precision', DEFAULT_PRECISION_TESTS, 'default')
