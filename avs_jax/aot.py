@@ -342,13 +342,20 @@ class Target:
       if 'RESOURCE_EXHAUSTED' not in text and 'memory' not in text.lower():
         raise
       first = next((l for l in text.splitlines() if l.strip()), text)
-      return {
+      res = {
           'step': name,
           'per_chip_batch': per_chip,
           'fits': False,
           'compile_error': first.strip()[:400],
           'compile_s': time.perf_counter() - t1,
       }
+      # "... required for HLO temporaries (50.30G) exceeds available HBM
+      # (15.75G)": XLA:TPU's own figures, GiB.
+      m = re.search(r'\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)', text)
+      if m:
+        res['required_bytes'] = int(float(m.group(1)) * GiB)
+        res['available_bytes'] = int(float(m.group(2)) * GiB)
+      return res
     res = {
         'step': name,
         'per_chip_batch': per_chip,
