@@ -20,6 +20,7 @@ import procs
 from avs_jax import aot
 from avs_jax import runtime
 from avs_jax import train
+from avs_jax import xla_flags
 from configs import synthetic
 
 TOPOLOGY = 'v5e-4'
@@ -217,3 +218,30 @@ def test_missing_libtpu_is_one_line(tmp_path):
       'error: libtpu is not installed (--mode=compile needs it): pip '
       "install 'libtpu==0.0.42.*' (or -r requirements-tpu.txt)"
   ]
+
+
+@pytest.mark.skipif(
+    xla_flags.tpu_chips() > 0, reason='a TPU machine: libtpu is meant to run'
+)
+def test_installed_libtpu_is_quiet_without_a_tpu(tmp_path):
+  """JAX started as run.py starts it prints nothing of libtpu's (without
+  `set_xla_flags`, libtpu warns: 'could not determine TPU accelerator
+  type', `libtpu_init_utils.cc`)."""
+  env = procs.env(str(tmp_path / 'cache'))
+  del env['JAX_PLATFORMS']
+  code = (
+      'from avs_jax.xla_flags import set_xla_flags; set_xla_flags(); '
+      'import jax; print(jax.devices()[0].platform)'
+  )
+  p = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=procs.REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
+  assert p.returncode == 0, p.stderr
+  assert p.stdout.strip() == 'cpu'
+  assert 'TPU' not in p.stderr and 'libtpu' not in p.stderr, p.stderr
