@@ -415,6 +415,17 @@ def largest_batch(target, first, max_compiles):
   return lo, hi, tries
 
 
+def linear_estimate(target, r):
+  """The per-chip batch where a line through (0, state and code) and the
+  compile `r`'s total meets the chip's HBM: no compile, an estimate."""
+  if 'memory' not in r:
+    return None
+  m, b = r['memory'], r['per_chip_batch']
+  fixed = m['argument'] + m['generated_code'] - _batch_bytes(target, b)
+  per_clip = (m['total'] - fixed) / b
+  return int((target.sl.chip.hbm_bytes - fixed) // per_clip)
+
+
 def _batch_bytes(target, per_chip):
   return sum(
       x.size * x.dtype.itemsize // target.sl.chips
@@ -455,6 +466,7 @@ def compile_report(config, topology, max_compiles=3, eval_step=True):
       'libtpu': importlib.metadata.version('libtpu'),
   }
   res['train'] = target.train(per_chip)
+  res['largest_batch_estimate'] = linear_estimate(target, res['train'])
   if eval_step:
     res['eval'] = target.eval(config.eval.batch_size // sl.chips)
   if max_compiles > 1:
@@ -511,6 +523,11 @@ def print_report(res):
         f'({TRAIN_CLIPS[res["setting"]]} clips) at that rate: '
         f'{res["epoch_s"]:.1f} s'
     )
+  if res.get('largest_batch_estimate') is not None:
+    print(
+        'largest batch per chip, from this one compile (memory linear in '
+        f'the batch; not compiled): about {res["largest_batch_estimate"]}'
+    )
   if res.get('largest_batch'):
     print_search(res['largest_batch'])
   print(
@@ -537,7 +554,7 @@ def print_step(name, r, res):
       f'{gib(res["chip_hbm_bytes"])}: {"fits" if r["fits"] else "does NOT fit"}'
   )
   line = (
-      f'  per chip per step: {c["flops"] / 1e12:.3f} TFLOP, '
+      f'  per chip per step: {c["flops"] / 1e9:,.1f} GFLOP, '
       f'{c["bytes"] / 1e9:.2f} GB; roofline {rl["step_s"] * 1e3:.1f} ms '
       f'({rl["bound"]}-bound: compute {rl["compute_s"] * 1e3:.1f} ms, '
       f'HBM {rl["memory_s"] * 1e3:.1f} ms) = '
