@@ -73,6 +73,9 @@ flags.DEFINE_integer(
     '--mode=compile: train-step compiles in all, the search for the largest '
     'batch per chip included (1: no search).',
 )
+flags.DEFINE_bool(
+    'compile_eval', True, '--mode=compile: compile the eval step too.'
+)
 flags.DEFINE_string(
     'json', None, '--mode=compile: also write the report to this file.'
 )
@@ -199,7 +202,9 @@ def compile_for_tpu(config):
   written with --json)."""
   if not FLAGS.topology:
     raise aot.CompileError('--mode=compile needs --topology, e.g. v5e-8')
-  res = aot.compile_report(config, FLAGS.topology, FLAGS.max_compiles)
+  res = aot.compile_report(
+      config, FLAGS.topology, FLAGS.max_compiles, FLAGS.compile_eval
+  )
   aot.print_report(res)
   if FLAGS.json:
     aot.write_json(res, FLAGS.json)
