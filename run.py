@@ -202,6 +202,9 @@ def compile_for_tpu(config):
   written with --json)."""
   if not FLAGS.topology:
     raise aot.CompileError('--mode=compile needs --topology, e.g. v5e-8')
+  # jax 0.10.2 cannot read back what it caches of compile-only (topology)
+  # programs ("PjRtCompiler must be constructed with a Client"): no writes.
+  jax.config.update('jax_enable_compilation_cache', False)
   res = aot.compile_report(
       config, FLAGS.topology, FLAGS.max_compiles, FLAGS.compile_eval
   )
