@@ -6,6 +6,8 @@ r"""avs_jax entry point: train, evaluate or predict with an ml_collections confi
   python run.py --mode=eval --config=configs/ms3.py --workdir=workdirs/ms3
   python run.py --mode=predict --config=configs/ms3.py \
       --config.predict.video=clip.mp4 --config.predict.restore=workdirs/ms3
+  python run.py --mode=compile --config=configs/ms3.py --topology=v5e-8 \
+      --config.train.batch_size=64 --config.eval.batch_size=64  # fits? speed?
 """
 
 import os
@@ -24,6 +26,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from avs_jax import aot
 from avs_jax import audio
 from avs_jax import checkpoint
 from avs_jax import data
@@ -55,8 +58,26 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     'mode',
     'train',
-    ['train', 'eval', 'predict'],
-    'train (then test the best checkpoint), eval, or predict.',
+    ['train', 'eval', 'predict', 'compile'],
+    'train (then test the best checkpoint), eval, predict, or compile '
+    '(the train and eval steps for --topology by XLA:TPU: memory, speed).',
+)
+flags.DEFINE_string(
+    'topology',
+    None,
+    '--mode=compile: the TPU slice, e.g. v5e-8, v5e:4x8, v5p-8, v4:2x2x2.',
+)
+flags.DEFINE_integer(
+    'max_compiles',
+    3,
+    '--mode=compile: train-step compiles in all, the search for the largest '
+    'batch per chip included (1: no search).',
+)
+flags.DEFINE_bool(
+    'compile_eval', True, '--mode=compile: compile the eval step too.'
+)
+flags.DEFINE_string(
+    'json', None, '--mode=compile: also write the report to this file.'
 )
 flags.DEFINE_enum(
     'distributed',
@@ -104,6 +125,7 @@ USER_ERRORS = (
     audio.AudioLoadError,
     checkpoint.CheckpointError,
     runtime.ConfigError,
+    aot.CompileError,
     data.DataError,
     FileNotFoundError,
 )
@@ -175,7 +197,25 @@ def check_workdir(workdir):
     ) from e
 
 
+def compile_for_tpu(config):
+  """`--mode=compile`: the report of `aot.compile_report`, printed (and
+  written with --json)."""
+  if not FLAGS.topology:
+    raise aot.CompileError('--mode=compile needs --topology, e.g. v5e-8')
+  # jax 0.10.2 cannot read back what it caches of compile-only (topology)
+  # programs ("PjRtCompiler must be constructed with a Client"): no writes.
+  jax.config.update('jax_enable_compilation_cache', False)
+  res = aot.compile_report(
+      config, FLAGS.topology, FLAGS.max_compiles, FLAGS.compile_eval
+  )
+  aot.print_report(res)
+  if FLAGS.json:
+    aot.write_json(res, FLAGS.json)
+
+
 def run(config, workdir, mode):
+  if mode == 'compile':
+    return compile_for_tpu(config)
   runtime.check_config(config)
   check_workdir(workdir)
   if config.data.synthetic.enabled:

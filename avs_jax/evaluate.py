@@ -75,6 +75,15 @@ def eval_step(variables, audio_vars, batch, *, model, vggish):
   return m, out['logits']
 
 
+def jit_eval_step(model, vggish, mesh):
+  """The jitted `eval_step`: metrics replicated, predictions split over
+  `mesh`'s `data` axis (inputs: as their arrays are sharded)."""
+  return jax.jit(
+      functools.partial(eval_step, model=model, vggish=vggish),
+      out_shardings=(runtime.replicated(mesh), runtime.batch_sharding(mesh)),
+  )
+
+
 class Evaluator:
   """Runs a split through the model in eval mode and accumulates metrics."""
 
@@ -84,11 +93,7 @@ class Evaluator:
     self.tables = {}  # (setting, split) -> {clip id: [T, 128]}
     self.sharding = runtime.batch_sharding(mesh)
     self.step = utils.CompileThenMeet(
-        jax.jit(
-            functools.partial(eval_step, model=model, vggish=vggish),
-            out_shardings=(runtime.replicated(mesh), self.sharding),
-        ),
-        'eval step',
+        jit_eval_step(model, vggish, mesh), 'eval step'
     )
 
   def run(

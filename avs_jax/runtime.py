@@ -69,8 +69,11 @@ class ConfigError(ValueError):
   """A config that cannot run here: names the field and what to do."""
 
 
-def check_config(config):
-  """Raises ConfigError for settings that would fail later, deep inside."""
+def check_config(config, devices=None):
+  """Raises ConfigError for settings that would fail later, deep inside.
+
+  `devices`: the device count the batches are split over (default: JAX's).
+  """
   backbones = sorted(resnet.SPECS) + sorted(pvt.SPECS)
   if config.model.backbone not in backbones:
     raise ConfigError(
@@ -82,7 +85,7 @@ def check_config(config):
         f'train.dtype={config.train.dtype!r}: use one of '
         f'{", ".join(DTYPES)}'
     )
-  n = jax.device_count()
+  n = devices or jax.device_count()
   for field in ('train.batch_size', 'eval.batch_size'):
     section, key = field.split('.')
     bs = config[section][key]
@@ -264,10 +267,15 @@ class Heartbeats(threading.Thread):
       )
 
 
-def make_mesh():
-  """1-D mesh of every device; Auto axes: XLA propagates shardings (pjit)."""
+def make_mesh(devices=None):
+  """1-D mesh of every device (or of `devices`, e.g. a TPU topology's for an
+  ahead-of-time compile); Auto axes: XLA propagates shardings (pjit)."""
+  n = len(devices) if devices is not None else jax.device_count()
   return jax.make_mesh(
-      (jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
+      (n,),
+      ('data',),
+      axis_types=(jax.sharding.AxisType.Auto,),
+      devices=devices,
   )
 
 

@@ -130,6 +130,14 @@ def run_optimizer(config, sched):
   )
 
 
+def build_training(config, sched):
+  """`(model, vggish, optimizer, lr_fn)` of a run of `config` and `sched`
+  (`train.remat`, `train.dtype`, the optimizer of `config.model.name`)."""
+  model, vggish = runtime.build(config, remat=config.train.remat)
+  optimizer, lr_fn = run_optimizer(config, sched)
+  return model, vggish, optimizer, lr_fn
+
+
 def frozen_backbone_steps(config, per_epoch):
   """Optimizer steps with a frozen backbone (`train.freeze_backbone_epochs`)."""
   tc = config.train
@@ -303,17 +311,18 @@ class Schedule:
   eval_start: int = 0  # no validation before this step (train.eval_start_epoch)
 
   @classmethod
-  def of(cls, config, num_train):
+  def of(cls, config, num_train, log=True):
     """The schedule of a training set of `num_train` clips (logged)."""
     tc = config.train
     per_epoch = max(num_train // tc.batch_size, 1)
     total = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * per_epoch
     eval_every = max(per_epoch * tc.eval_every_epochs, 1)
-    utils.log(
-        f'{num_train} train clips, {per_epoch} steps/epoch, {total} steps, '
-        f'global batch {tc.batch_size} on {jax.device_count()} devices / '
-        f'{jax.process_count()} processes'
-    )
+    if log:
+      utils.log(
+          f'{num_train} train clips, {per_epoch} steps/epoch, {total} steps, '
+          f'global batch {tc.batch_size} on {jax.device_count()} devices / '
+          f'{jax.process_count()} processes'
+      )
     return cls(
         total,
         per_epoch,
@@ -372,11 +381,13 @@ def _data_and_state(config, mngr, model, optimizer, mesh):
   )
 
 
-def _compile_steps(config, model, vggish, optimizer, mesh, state):
-  """The jitted train step and the (no-update) loss check of a state."""
-  shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+def jit_train_step(config, model, vggish, optimizer, mesh, shardings):
+  """The jitted `train_step`: state in and out with `shardings` (donated),
+  the batch split over `mesh`'s `data` axis, audio weights and metrics
+  replicated. `--mode=train` runs it; `--mode=compile` (`aot`) compiles it
+  for a TPU slice."""
   data, rep = runtime.batch_sharding(mesh), runtime.replicated(mesh)
-  step_fn = jax.jit(
+  return jax.jit(
       functools.partial(
           train_step,
           model=model,
@@ -388,6 +399,13 @@ def _compile_steps(config, model, vggish, optimizer, mesh, state):
       out_shardings=(shardings, rep),
       donate_argnums=(0,),
   )
+
+
+def _compile_steps(config, model, vggish, optimizer, mesh, state):
+  """The jitted train step and the (no-update) loss check of a state."""
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  data, rep = runtime.batch_sharding(mesh), runtime.replicated(mesh)
+  step_fn = jit_train_step(config, model, vggish, optimizer, mesh, shardings)
   loss_of = jax.jit(
       functools.partial(state_loss, model=model, vggish=vggish, config=config),
       in_shardings=(shardings, data, rep),
@@ -412,8 +430,7 @@ def train_and_evaluate(config, workdir):
       config, data_lib.num_examples(dc.dir, dc.setting, 'train')
   )
   mesh = runtime.make_mesh()
-  model, vggish = runtime.build(config, remat=tc.remat)
-  optimizer, lr_fn = run_optimizer(config, sched)
+  model, vggish, optimizer, lr_fn = build_training(config, sched)
   audio_vars = runtime.audio_variables(config, vggish, mesh)
   table = (
       runtime.embedding_table(config, vggish, audio_vars)

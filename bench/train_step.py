@@ -31,9 +31,9 @@ already set for the same flag wins. Use the same flags for CPU training.
 
 `--devices N` simulates N CPU devices (sets XLA_FLAGS before JAX loads);
 with `--per_device_batch` the global batch grows with N (weak scaling).
-`--aot_tpu v5e:4x4` tries an ahead-of-time compile of the step for a TPU
-topology (needs libtpu; without it the step is lowered for the TPU platform
-on an abstract mesh of that many chips, and the script says so).
+`--aot_tpu v5e:4x4` compiles the step for a TPU slice with XLA:TPU
+(`avs_jax.aot`, as `run.py --mode=compile`; needs libtpu,
+requirements-tpu.txt) at `--per_device_batch` clips per chip.
 `--json FILE` writes every figure.
 """
 
@@ -137,7 +137,9 @@ flags.DEFINE_bool(
     'cpu_gemm', False, 'Measure a 2048^3 float32 GEMM as a CPU ceiling.'
 )
 flags.DEFINE_string(
-    'aot_tpu', None, 'Try an AOT compile for a TPU topology, e.g. v5e:4x4.'
+    'aot_tpu',
+    None,
+    'XLA:TPU compile for a TPU slice, e.g. v5e:4x4 (avs_jax.aot).',
 )
 flags.DEFINE_string(
     'profile',
@@ -418,6 +420,19 @@ def bench():
         '(ceiling reference)'
     )
 
+  if FLAGS.aot_tpu:
+    res['aot_tpu'] = aot_tpu(
+        FLAGS.aot_tpu,
+        gbs // ndev,
+        config,
+        eval_step=FLAGS.eval or FLAGS.eval_only,
+    )
+    if FLAGS.aot_only:
+      if FLAGS.json:
+        with open(FLAGS.json, 'w') as f:
+          json.dump(res, f, indent=2)
+      return res
+
   # The step exactly as train_and_evaluate builds it.
   mesh = runtime.make_mesh()
   model, vggish = runtime.build(config, remat=config.train.remat)
@@ -457,16 +472,6 @@ def bench():
     )
     config.train.batch_size = config.eval.batch_size = gbs
 
-  if FLAGS.aot_tpu:
-    res['aot_tpu'] = aot_tpu(
-        FLAGS.aot_tpu,
-        gbs // ndev,
-        step,
-        abstract_state,
-        (FLAGS.frames, FLAGS.image_size, config.data.setting),
-        vggish,
-        config.train.fsdp,
-    )
   if not (FLAGS.aot_tpu and FLAGS.aot_only):
     host = host_batch(config, gbs)
     train_ctx = eval_ctx = None
@@ -868,106 +873,19 @@ def report(
     )
 
 
-def aot_tpu(topology, per_chip, step, abstract_state, shapes, vggish, fsdp):
-  """Ahead-of-time train step for a TPU topology (e.g. 'v5e:16x16').
+def aot_tpu(topology, per_chip, config, eval_step=False, max_compiles=1):
+  """`run.py --mode=compile` for the bench's config: the train step (and with
+  `eval_step` the eval step) compiled by XLA:TPU for `topology` (e.g.
+  'v5e:4x4') at `per_chip` clips per chip (`avs_jax.aot`); returns its report.
+  Frames per clip are the input pipeline's (5; AVSS 10), not `--frames`."""
+  from avs_jax import aot  # pylint: disable=g-import-not-at-top  # see main
 
-  With libtpu, `get_topology_desc` gives the TPU devices and the step is
-  compiled for them (XLA:TPU's FLOPs and memory plan). Without it (a CPU-only
-  install), the step is still traced and lowered to StableHLO for the 'tpu'
-  platform on an abstract mesh of the same chip count: that checks the
-  program and its shardings, not the TPU compiler. Returns what happened.
-  """
-  # pylint: disable=g-import-not-at-top
-  import jax
-  import jax.numpy as jnp
-  from avs_jax import runtime
-  from jax.experimental import topologies
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
-  # pylint: enable=g-import-not-at-top
-  dims = topology.split(':')[-1]
-  chips = int(np.prod([int(d) for d in dims.split('x')]))
-  out = {
-      'topology': topology,
-      'chips': chips,
-      'per_chip_batch': per_chip,
-      'global_batch': per_chip * chips,
-  }
-  try:
-    topo = topologies.get_topology_desc(topology, 'tpu')
-    mesh = jax.sharding.Mesh(np.asarray(topo.devices).reshape(-1), ('data',))
-    chips = out['chips'] = mesh.size
-    out['global_batch'] = per_chip * chips
-  except Exception as e:  # pylint: disable=broad-except
-    out['topology_error'] = f'{type(e).__name__}: {e}'
-    print(
-        f'AOT for TPU {topology}: get_topology_desc failed: '
-        f'{out["topology_error"]}'
-    )
-    print(
-        f'  falling back to lowering (no compile) for platform tpu on an '
-        f'abstract {chips}-chip data mesh'
-    )
-    mesh = jax.sharding.AbstractMesh(
-        (chips,), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
-    )
-  rep = NamedSharding(mesh, P())
-  dat = NamedSharding(mesh, P('data'))
-  shardings = runtime.state_shardings(abstract_state, mesh, fsdp)
-  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  state = jax.tree_util.tree_map(sds, abstract_state, shardings)
-  frames, hw, setting = shapes
-  host = random_batch(np.random.default_rng(0), 1, frames, hw, hw, setting)
-  batch = {
-      k: jax.ShapeDtypeStruct(
-          (out['global_batch'],) + v.shape[1:], v.dtype, sharding=dat
-      )
-      for k, v in host.items()
-      if k in runtime.DEVICE_KEYS
-  }
-  audio = jax.tree_util.tree_map(
-      lambda x: sds(x, rep),
-      jax.eval_shape(
-          lambda: vggish.init(jax.random.key(0), jnp.zeros((1, 96, 64)))
-      ),
-  )
-  step_fn = jax.jit(
-      step,
-      in_shardings=(shardings, dat, rep),
-      out_shardings=(shardings, rep),
-      donate_argnums=(0,),
-  )
-  try:
-    t0 = time.perf_counter()
-    lowered = step_fn.trace(state, batch, audio).lower(
-        lowering_platforms=('tpu',)
-    )
-    out['lower_s'] = time.perf_counter() - t0
-    text = lowered.as_text()
-    out['lowered'] = True
-    out['stablehlo_chars'] = len(text)
-    out['num_partitions_in_module'] = f'mhlo.num_partitions = {chips}' in text
-    print(
-        f'  lowered for tpu in {out["lower_s"]:.1f} s: StableHLO '
-        f'{len(text) / 1e6:.1f} M chars, mhlo.num_partitions = {chips}: '
-        f'{out["num_partitions_in_module"]}; global batch '
-        f'{out["global_batch"]} ({per_chip}/chip)'
-    )
-    if 'topology_error' in out:
-      return out
-    compiled = lowered.compile()
-  except Exception as e:  # pylint: disable=broad-except
-    out['error'] = f'{type(e).__name__}: {e}'
-    print(f'AOT for TPU {topology}: failed: {out["error"]}')
-    return out
-  out['compiled'] = True
-  out['flops_per_chip'] = flops_of(compiled)
-  out['memory'] = memory_of(compiled)
-  print(
-      f'AOT for TPU {topology}: compiled; {out["flops_per_chip"]} FLOPs '
-      f'per chip, memory {out["memory"]}'
-  )
-  return out
+  config = config.copy_and_resolve_references()
+  gbs = per_chip * aot.parse_topology(topology).chips
+  config.train.batch_size = config.eval.batch_size = gbs
+  res = aot.compile_report(config, topology, max_compiles, eval_step)
+  aot.print_report(res)
+  return res
 
 
 def scaling_study():
