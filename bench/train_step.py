@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 from absl import app
 from absl import flags
@@ -155,11 +156,6 @@ flags.DEFINE_float(
     'Search the largest per-device batch whose XLA memory plan fits this fraction of the device memory limit (--batch/--per_device_batch is the start); at most --max_compiles compiles.',
 )
 flags.DEFINE_integer('max_compiles', 3, 'Compiles the --fill search may use.')
-flags.DEFINE_integer(
-    'batch_multiple',
-    4,
-    'The --fill search rounds per-device batches down to this.',
-)
 flags.DEFINE_float(
     'memory_gib',
     None,
@@ -465,7 +461,9 @@ def bench():
       lambda: vggish.init(jax.random.key(12345), jnp.zeros((1, 96, 64))),
       out_shardings=runtime.replicated(mesh),
   )()
-  step_fn = train_step_fn(jax, runtime, step, shardings, mesh)
+  step_fn = train.jit_train_step(  # as --mode=train jits it
+      config, model, vggish, optimizer, mesh, shardings
+  )
   if FLAGS.fill:
     gbs = fill_batch(
         jax, config, step_fn, abstract_state, shardings, mesh, audio_vars, res
@@ -530,20 +528,6 @@ def host_batch(config, gbs):
   return host
 
 
-def train_step_fn(jax, runtime, step, shardings, mesh):
-  """The train step jitted exactly as `train_and_evaluate` does."""
-  return jax.jit(
-      step,
-      in_shardings=(
-          shardings,
-          runtime.batch_sharding(mesh),
-          runtime.replicated(mesh),
-      ),
-      out_shardings=(shardings, runtime.replicated(mesh)),
-      donate_argnums=(0,),
-  )
-
-
 def device_memory_limit(jax):
   """Bytes one device may allocate: `--memory_gib`, else its bytes_limit."""
   if FLAGS.memory_gib:
@@ -556,85 +540,103 @@ def device_memory_limit(jax):
   return int(stats['bytes_limit'])
 
 
+class LocalDevices:
+  """`avs_jax.aot`'s compile target for this process's devices: `train(p)`
+  compiles the benched step at `p` clips per device (on GPUs without
+  autotuning: the plan, not the kernels, is wanted) and says whether XLA's
+  plan fits `limit` bytes."""
+
+  def __init__(self, jax, config, step_fn, state, audio_vars, mesh, limit):
+    from avs_jax import runtime  # pylint: disable=g-import-not-at-top  # see main
+
+    self.jax, self.config, self.step_fn = jax, config, step_fn
+    self.state, self.audio_vars, self.limit = state, audio_vars, limit
+    self.data = runtime.batch_sharding(mesh)
+    self.sl = types.SimpleNamespace(
+        chips=jax.device_count(),
+        chip=types.SimpleNamespace(hbm_bytes=limit),
+    )
+    self.options = (
+        {'xla_gpu_autotune_level': 0}
+        if jax.devices()[0].platform == 'gpu'
+        else None
+    )
+
+  def batch(self, per_device):
+    return {
+        k: self.jax.ShapeDtypeStruct(
+            (per_device * self.sl.chips,) + v.shape[1:],
+            v.dtype,
+            sharding=self.data,
+        )
+        for k, v in host_batch(self.config, 1).items()
+    }
+
+  def train(self, per_device):
+    from avs_jax import aot  # pylint: disable=g-import-not-at-top  # see main
+
+    t0 = time.perf_counter()
+    lowered = self.step_fn.lower(
+        self.state, self.batch(per_device), self.audio_vars
+    )
+    mem = aot.memory(lowered.compile(self.options))
+    print(
+        f'fill: {per_device} clips/device -> plan {fmt_bytes(mem["total"])} '
+        f'of {fmt_bytes(self.limit)} ({time.perf_counter() - t0:.0f} s '
+        'compile)',
+        flush=True,
+    )
+    return {
+        'per_chip_batch': per_device,
+        'memory': mem,
+        'fits': mem['total'] <= self.limit,
+    }
+
+
 def fill_batch(
     jax, config, step_fn, abstract_state, shardings, mesh, audio_vars, res
 ):
   """Largest global batch whose memory plan fits `--fill` x the limit.
 
-  XLA's plan (`memory_of`) of the step at the start batch `p0` (per device)
-  bounds the per-clip memory by `plan / p0`; the batch that bound allows is
-  compiled next, and a line through the two plans gives a third try. Each
-  try is one compile (on GPUs without autotuning: the plan, not the kernels,
-  is wanted); batches are multiples of `--batch_multiple` per device.
+  The search of `run.py --mode=compile` (`aot.largest_batch`: lines through
+  XLA's plans, at most `--max_compiles` compiles) on this process's
+  devices; with one compile, `aot.linear_estimate` of the batch from the
+  first plan (state and code fixed, the rest per clip), not compiled.
   """
-  ndev = jax.device_count()
+  from avs_jax import aot  # pylint: disable=g-import-not-at-top  # see main
+
   limit = int(FLAGS.fill * device_memory_limit(jax))
-  m = FLAGS.batch_multiple
-  options = (
-      {'xla_gpu_autotune_level': 0}
-      if jax.devices()[0].platform == 'gpu'
-      else None
+  state = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state,
+      shardings,
   )
-  from avs_jax import runtime  # pylint: disable=g-import-not-at-top  # see main
-
-  data = runtime.batch_sharding(mesh)
-  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  state = jax.tree_util.tree_map(sds, abstract_state, shardings)
-  tries = {}
-
-  def plan(p):
-    if p not in tries and len(tries) < FLAGS.max_compiles:
-      batch = {
-          k: jax.ShapeDtypeStruct(
-              (p * ndev,) + v.shape[1:], v.dtype, sharding=data
-          )
-          for k, v in host_batch(config, 1).items()
-      }
-      t0 = time.perf_counter()
-      compiled = step_fn.lower(state, batch, audio_vars).compile(options)
-      tries[p] = memory_of(compiled).get('xla_peak_estimate_bytes', 0)
-      print(
-          f'fill: {p} clips/device -> plan {fmt_bytes(tries[p])} of '
-          f'{fmt_bytes(limit)} ({time.perf_counter() - t0:.0f} s compile)',
-          flush=True,
-      )
-    return tries.get(p)
-
-  down = lambda x: max(m, int(x) // m * m)
-  p0 = (FLAGS.per_device_batch or (FLAGS.batch or 8) // ndev) or 1
-  m0 = plan(p0)
-  while m0 > limit and p0 > 1 and len(tries) < FLAGS.max_compiles:
-    p0 = max(1, p0 // 2)
-    m0 = plan(p0)
-  best = p0 if m0 <= limit else None
-  p1 = down(limit * p0 / m0)  # plan / p0 bounds the memory per clip
-  if best and p1 > p0:
-    if plan(p1) is None:  # no compile left: take the bound
-      best = p1
-    elif tries[p1] <= limit:
-      best = p1
-    if p1 in tries and tries[p1] > m0:  # a line through the two plans
-      slope = (tries[p1] - m0) / (p1 - p0)
-      p2 = down((limit - (m0 - slope * p0)) / slope)
-      if p2 not in tries and plan(p2) is not None and tries[p2] <= limit:
-        best = max(best, p2)
-  if best is None:
+  target = LocalDevices(jax, config, step_fn, state, audio_vars, mesh, limit)
+  p0 = FLAGS.per_device_batch or (FLAGS.batch or 8) // jax.device_count()
+  first = target.train(max(p0, 1))
+  best, _, tries = aot.largest_batch(target, first, FLAGS.max_compiles)
+  compiled = True
+  if FLAGS.max_compiles == 1 and first['fits']:
+    best, compiled = aot.linear_estimate(target, first), False
+  if not best:
     raise SystemExit(
-        f'--fill: even {p0} clip(s) per device need '
-        f'{fmt_bytes(m0)} > {fmt_bytes(limit)}'
+        f'--fill: {first["per_chip_batch"]} clip(s) per device need '
+        f'{fmt_bytes(first["memory"]["total"])} > {fmt_bytes(limit)}'
     )
   res['fill'] = {
-      'compiled': best in tries,
+      'compiled': compiled,
       'fraction': FLAGS.fill,
       'limit_bytes': limit,
-      'plans_bytes': {str(k): v for k, v in sorted(tries.items())},
+      'plans_bytes': {
+          str(t['per_chip_batch']): t['memory']['total'] for t in tries
+      },
       'per_device_batch': best,
   }
-  gbs = best * ndev
+  gbs = best * jax.device_count()
   res['global_batch'], res['per_device_batch'] = gbs, best
   print(
       f'fill: {best} clips/device (global batch {gbs}): '
-      + ('the largest tried' if best in tries else 'the bound')
+      + ('the largest tried' if compiled else 'the estimate')
       + f' whose plan fits {FLAGS.fill:g} x {fmt_bytes(limit / FLAGS.fill)}',
       flush=True,
   )

@@ -46,19 +46,17 @@ def test_cpu_mode_runs_every_job_kind(tmp_path):
   assert r['dtype'] == 'bfloat16' and r['backbone'] == 'resnet_tiny'
   fill = r['fill']
   plans = {int(k): v for k, v in fill['plans_bytes'].items()}
-  # The chosen batch: compiled, its plan within the limit, a multiple of 2;
-  # every larger batch tried was over the limit.
-  best = fill['per_device_batch']
-  assert best % 2 == 0 and r['global_batch'] == best
-  assert plans[best] <= fill['limit_bytes']
-  assert all(v > fill['limit_bytes'] for k, v in plans.items() if k > best)
-  assert r['clips_per_s'] > 0 and r['eval_clips_per_s'] > 0
+  # One compile (as on the GPU): the batch is the line from (0, state and
+  # code) through its plan, not compiled; at least the start batch, which
+  # fits.
+  assert list(plans) == [2] and plans[2] <= fill['limit_bytes']
+  assert not fill['compiled'] and fill['per_device_batch'] >= 2
+  assert r['global_batch'] == fill['per_device_batch']
+  assert r['clips_per_s'] > 0
   assert r['flops_per_step'] > 0
   r = jobs['reference_resnet50_float32']['result']
   assert r['dtype'] == 'float32' and r['backbone'] == 'resnet_tiny'
   assert r['jax']['median_wall_s'] > 0  # no reference source in CI
-  bf16 = jobs['bf16_resnet50']['result']['bfloat16']
-  assert 0.9 < bf16['grad_cosine'] <= 1.0 + 1e-6
   r = jobs['avsegformer_resnet50_bfloat16']['result']
   assert r['model'] == 'avsegformer' and r['channels'] == 32
   assert r['step_s'] > 0 and r['flops_per_step'] > 0
