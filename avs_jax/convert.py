@@ -11,11 +11,14 @@ r"""Command line: PyTorch AVS checkpoints <-> Orbax checkpoints.
   python -m avs_jax.convert --config=configs/avsegformer_s4.py:pvt_v2_b5 \
       --to_torch --src=workdirs/avsf_s4_converted --out=avsf_s4.pth \
       --vggish=AVSegFormer_pvt2_s4.pth       # back, loads into the reference
+  python -m avs_jax.convert --config=configs/sama_s4.py:vit_h \
+      --src=sama_s4_best.pth --out=workdirs/sama_s4_converted   # SAMA-AVS
 
 The config (loaded like `run.py` loads it, `--config.model.x=y` overrides
-included) gives the model the checkpoint must fit: the paper's AVS model
-(mapping in `avs_jax.torch_weights`) or, with `model.name='avsegformer'`,
-AVSegFormer (`avs_jax.avsegformer_convert`).
+included) gives the model the checkpoint must fit, and `model.name` its
+family's converter (`avs_jax.families`): the paper's AVS model (mapping in
+`avs_jax.torch_weights`), AVSegFormer (`avs_jax.projects.avsegformer.convert`)
+or SAMA-AVS (`avs_jax.projects.sama.convert`).
 """
 
 import sys
@@ -25,9 +28,8 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
-from avs_jax import avsegformer_convert
 from avs_jax import checkpoint as ckpt_lib
-from avs_jax import runtime
+from avs_jax import families
 from avs_jax import torch_weights
 
 FLAGS = flags.FLAGS
@@ -60,49 +62,34 @@ def define_flags():
   flags.DEFINE_string(
       'vggish',
       '',
-      'AVSegFormer with --to_torch: a VGGish checkpoint (vggish-10086976.pth '
-      'or a released AVSegFormer .pth) whose weights become the vggish.* keys, '
-      'so that the result loads strictly into the reference.',
+      'AVSegFormer / SAMA-AVS with --to_torch: a VGGish checkpoint '
+      '(vggish-10086976.pth, or a released AVSegFormer or SAMA-AVS .pth) whose '
+      "weights become the state dict's VGGish keys, so that the result loads "
+      'strictly into the reference.',
   )
   flags.mark_flags_as_required(['config', 'src', 'out'])
 
 
 def to_orbax(src, out, config):
-  """A PyTorch AVS checkpoint file -> Orbax checkpoint dir; returns its path."""
-  model_config = config.model
+  """A PyTorch checkpoint file of `config.model`'s family -> Orbax checkpoint
+  dir; returns its path."""
   sd = torch_weights.load_state_dict(src)
-  if runtime.model_name(config) == 'avsegformer':
-    variables = avsegformer_convert.torch_to_flax(sd, model_config)
-    return ckpt_lib.save_variables(variables, out)
-  kind = torch_weights.checkpoint_kind(torch_weights.strip_module_prefix(sd))
-  if kind != 'avs':
-    raise torch_weights.ConversionError(
-        f'{src} is an ImageNet backbone checkpoint ({kind}): use it as '
-        '--config.train.init_backbone, not as an eval checkpoint'
-    )
-  variables = torch_weights.torch_to_flax(sd, model_config)
+  try:
+    variables = families.get(config).to_flax(sd, config)
+  except torch_weights.ConversionError as e:
+    raise torch_weights.ConversionError(f'{src}: {e}') from None
   return ckpt_lib.save_variables(variables, out)
 
 
 def to_torch(src, out, config, vggish=''):
   """An Orbax checkpoint -> .pth (needs torch) or .npz; returns (n, step).
 
-  AVSegFormer: `vggish`, a checkpoint file whose VGGish becomes `vggish.*`.
+  AVSegFormer, SAMA-AVS: `vggish`, a checkpoint file whose VGGish becomes
+  the state dict's VGGish keys.
   """
-  model_config = config.model
   state, step = ckpt_lib.load_state(src)
-  if runtime.model_name(config) == 'avsegformer':
-    vggish_vars = None
-    if vggish:
-      vsd = torch_weights.strip_module_prefix(
-          torch_weights.load_state_dict(vggish)
-      )
-      vggish_vars = avsegformer_convert.vggish_variables(
-          vsd
-      ) or torch_weights.vggish_torch_to_flax(vsd)
-    sd = avsegformer_convert.flax_to_torch(state, model_config, vggish_vars)
-  else:
-    sd = torch_weights.flax_to_torch(state, model_config)
+  vsd = torch_weights.load_state_dict(vggish) if vggish else None
+  sd = families.get(config).to_torch(state, config, vsd)
   if out.endswith('.npz'):
     np.savez(out, **sd)
   else:
@@ -122,10 +109,15 @@ def main(argv):
     else:
       out = to_orbax(FLAGS.src, FLAGS.out, config)
       print(
-          f'wrote {out} ({config.model.backbone}); evaluate it with '
+          f'wrote {out} ({families.name(config)}); evaluate it with '
           f'--mode=eval --config.eval.restore={FLAGS.out}'
       )
-  except (torch_weights.ConversionError, FileNotFoundError, ImportError) as e:
+  except (
+      torch_weights.ConversionError,
+      families.ConfigError,
+      FileNotFoundError,
+      ImportError,
+  ) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

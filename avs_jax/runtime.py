@@ -27,10 +27,11 @@ from jax.sharding import PartitionSpec as P
 
 from avs_jax import checkpoint as ckpt_lib
 from avs_jax import data as data_lib
+from avs_jax import families
 from avs_jax import torch_weights
 from avs_jax import utils
 from avs_jax.data import records
-from avs_jax.models import avsegformer
+from avs_jax.projects.avsegformer import model as avsegformer
 from avs_jax.models import build_model
 from avs_jax.models import build_vggish
 from avs_jax.models import pvt
@@ -40,8 +41,6 @@ from avs_jax.models import resnet
 DEVICE_KEYS = ('frames', 'log_mel', 'audio', 'masks', 'valid')
 DEVICE_KEYS += ('labels', 'gt_mask', 'frame_mask')  # AVSS batches
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# model.name -> the loss.kind values it trains with.
-MODEL_LOSSES = {'avs': ('bce', 'avss'), 'avsegformer': ('avsegformer',)}
 
 
 @flax.struct.dataclass
@@ -65,21 +64,17 @@ class TrainState:
     }
 
 
-class ConfigError(ValueError):
-  """A config that cannot run here: names the field and what to do."""
+ConfigError = families.ConfigError
+model_name = families.name
 
 
 def check_config(config, devices=None):
-  """Raises ConfigError for settings that would fail later, deep inside.
+  """Raises ConfigError for settings that would fail later, deep inside:
+  the family's own checks (`families`), the dtype, the batch sizes.
 
   `devices`: the device count the batches are split over (default: JAX's).
   """
-  backbones = sorted(resnet.SPECS) + sorted(pvt.SPECS)
-  if config.model.backbone not in backbones:
-    raise ConfigError(
-        f'model.backbone={config.model.backbone!r} is not a '
-        f'backbone; choose one of {", ".join(backbones)}'
-    )
+  families.get(config).check(config)
   if config.train.dtype not in DTYPES:
     raise ConfigError(
         f'train.dtype={config.train.dtype!r}: use one of '
@@ -95,57 +90,6 @@ def check_config(config, devices=None):
           f'{n} devices (global batch); e.g. --config.{field}='
           f'{max(n, bs - bs % n)}'
       )
-  _check_avss(config)
-  h, w = records.image_hw(config.data.image_size)
-  if h % 32 or w % 32:
-    raise ConfigError(
-        f'data.image_size={config.data.image_size}: height and '
-        'width must be multiples of 32 (the encoders stride 32)'
-    )
-
-
-def model_name(config):
-  """`config.model.name`: 'avs' (the TPAVI model, the default) or
-  'avsegformer'."""
-  return config.model.get('name', 'avs')
-
-
-def _check_model(config):
-  """The model and its loss go together (`MODEL_LOSSES`)."""
-  name, kind = model_name(config), config.loss.get('kind', 'bce')
-  if name not in MODEL_LOSSES:
-    raise ConfigError(
-        f'model.name={name!r}: choose one of {", ".join(MODEL_LOSSES)}'
-    )
-  if kind not in MODEL_LOSSES[name]:
-    raise ConfigError(
-        f'loss.kind={kind!r} does not fit model.name={name!r}: use loss.kind '
-        f'{" or ".join(MODEL_LOSSES[name])} (configs/avsegformer_*.py set '
-        'model.name avsegformer with loss.kind avsegformer)'
-    )
-
-
-def _check_avss(config):
-  """The AVSS setting, its loss and a multi-class head go together."""
-  _check_model(config)
-  kind = config.loss.get('kind', 'bce')
-  avss = config.data.setting == 'avss'
-  classes = config.model.get('num_classes', 1)
-  if model_name(config) == 'avsegformer':
-    if avss != (classes > 1):
-      raise ConfigError(
-          f'data.setting={config.data.setting!r} and model.num_classes='
-          f'{classes} do not fit together: AVSegFormer on AVSS needs '
-          'num_classes > 1 (configs/avsegformer_avss.py), on S4/MS3 one class'
-      )
-    return
-  if avss != (kind == 'avss') or avss != (classes > 1):
-    raise ConfigError(
-        f'data.setting={config.data.setting!r}, loss.kind={kind!r} and '
-        f'model.num_classes={classes} do not fit together: AVSS needs '
-        'setting avss, loss.kind avss and num_classes > 1 (configs/avss.py); '
-        'S4/MS3 need loss.kind bce and one class'
-    )
 
 
 def initialize_distributed(
@@ -303,14 +247,11 @@ def compute_dtype(config):
 
 def build(config, remat=False):
   """`(model, vggish)` computing in `train.dtype` (parameters float32);
-  the model of `config.model.name` (`AVSModel` or `AVSegFormer`)."""
+  the model of `config.model.name`'s family (`families`)."""
   dtype = compute_dtype(config)
-  make = (
-      avsegformer.build_model
-      if model_name(config) == 'avsegformer'
-      else build_model
+  model = families.get(config).build_model(
+      config.model, dtype=dtype, remat=remat
   )
-  model = make(config.model, dtype=dtype, remat=remat)
   vggish = build_vggish(postprocess=config.audio.postprocess, dtype=dtype)
   return model, vggish
 
@@ -349,13 +290,15 @@ def to_device(batch, sharding):
 
 
 def init_variables(config, model):
-  """The model's fresh `{'params', 'batch_stats'}` (host-independent)."""
+  """The model's fresh `{'params', 'batch_stats'}` (host-independent;
+  `batch_stats` empty for models without BatchNorm)."""
   h, w = records.image_hw(config.data.image_size)
-  return model.init(
+  variables = model.init(
       jax.random.key(config.seed),
       jnp.zeros((1, 1, h, w, 3)),
       jnp.zeros((1, 1, 128)),
   )
+  return {'batch_stats': {}, **variables}
 
 
 def pretrained(config, variables):
@@ -363,17 +306,16 @@ def pretrained(config, variables):
   tc = config.train
   if tc.init_backbone:
     sd = torch_weights.load_state_dict(tc.init_backbone)
-    if model_name(config) == 'avsegformer':
-      encoder = torch_weights.backbone_variables(sd, config.model.backbone)
-    else:
-      encoder = torch_weights.torch_to_flax(sd, config.model)
-    variables = torch_weights.merge_variables(variables, encoder)
+    variables = families.get(config).init_backbone(sd, config, variables)
     utils.log(f'initialised the encoder from {tc.init_backbone}')
   if tc.init_from:
     restored, step = ckpt_lib.load_state(tc.init_from)
     variables = torch_weights.merge_variables(
         variables,
-        {'params': restored['params'], 'batch_stats': restored['batch_stats']},
+        {
+            'params': restored['params'],
+            'batch_stats': restored.get('batch_stats', {}),
+        },
     )
     utils.log(f'initialised the model from {tc.init_from} (step {step})')
   return variables
@@ -421,7 +363,7 @@ def new_state(variables, optimizer):
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=variables['params'],
-      batch_stats=variables['batch_stats'],
+      batch_stats=variables.get('batch_stats', {}),  # none in ViTs
       opt_state=optimizer.init(variables['params']),
   )
 
@@ -462,7 +404,7 @@ class Inference:
     restored, self.step = ckpt_lib.load_state(path)
     variables = {
         'params': restored['params'],
-        'batch_stats': restored['batch_stats'],
+        'batch_stats': restored.get('batch_stats', {}),
     }
     ckpt_lib.check_shapes(
         variables,

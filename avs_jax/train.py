@@ -20,30 +20,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from avs_jax import avsegformer_losses
 from avs_jax import checkpoint as ckpt_lib
 from avs_jax import data as data_lib
 from avs_jax import evaluate
+from avs_jax import families
 from avs_jax import losses
 from avs_jax import runtime
 from avs_jax import utils
 
 
-def make_optimizer(tc, total_steps, *, model_name='avs', frozen_steps=0):
-  """Adam (PyTorch defaults) with the optional schedule/decay/clip/accumulation.
-
-  `model_name='avsegformer'`: AdamW per parameter group (`avsegformer_adamw`),
-  the backbone frozen for the first `frozen_steps` optimizer steps.
+def make_optimizer(
+    tc, total_steps, *, model_name='avs', frozen_steps=0, per_epoch=1
+):
+  """The family's update rule (`families`: Adam with PyTorch's defaults, or
+  AdamW, for the paper's model) at `train.lr` on `train.schedule`, with the
+  optional clipping and accumulation. `frozen_steps`: optimizer steps with a
+  frozen backbone (AVSegFormer); `per_epoch`: steps per epoch (the per-epoch
+  cosine). Returns `(optimizer, learning rate or schedule)`.
   """
-  lr = _learning_rate(tc, total_steps)
-  if model_name == 'avsegformer':
-    opt = avsegformer_adamw(lr, tc.weight_decay, frozen_steps)
-  elif tc.weight_decay > 0:
-    opt = optax.adamw(
-        lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=tc.weight_decay
-    )
-  else:
-    opt = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+  lr = _learning_rate(tc, total_steps, per_epoch)
+  opt = families.get(model_name).optimizer(tc, lr, frozen_steps)
   if tc.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip), opt)
   if tc.accum_steps > 1:
@@ -51,8 +47,12 @@ def make_optimizer(tc, total_steps, *, model_name='avs', frozen_steps=0):
   return opt, lr
 
 
-def _learning_rate(tc, total_steps):
-  """`train.schedule` (with `train.warmup_steps`): a schedule or a float."""
+def _learning_rate(tc, total_steps, per_epoch=1):
+  """`train.schedule` (with `train.warmup_steps`): a schedule or a float.
+
+  'cosine_per_epoch': PyTorch's `CosineAnnealingLR(T_max=epochs,
+  eta_min=train.lr_min)` stepped once per epoch (SAMA-AVS).
+  """
   if tc.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(
         0.0,
@@ -60,9 +60,18 @@ def _learning_rate(tc, total_steps):
         max(tc.warmup_steps, 1),
         max(total_steps, tc.warmup_steps + 1),
     )
+  if tc.schedule == 'cosine_per_epoch':
+    epochs, lo = max(total_steps // per_epoch, 1), tc.get('lr_min', 0.0)
+
+    def lr_at(step):
+      epoch = step // per_epoch
+      return lo + (tc.lr - lo) * (1 + jnp.cos(jnp.pi * epoch / epochs)) / 2
+
+    return lr_at
   if tc.schedule != 'constant':
     raise ValueError(
-        f'train.schedule must be constant or cosine, got ' f'{tc.schedule!r}'
+        'train.schedule must be constant, cosine or cosine_per_epoch, got '
+        f'{tc.schedule!r}'
     )
   if not tc.warmup_steps:
     return tc.lr
@@ -75,51 +84,6 @@ def _learning_rate(tc, total_steps):
   )
 
 
-def avsegformer_labels(params):
-  """The parameter group of every leaf: 'backbone' (the encoder subtree),
-  'unused' (`head/fpn`, `head/attn_fc_*`: built, never used) or 'rest'."""
-
-  def label(path, _):
-    keys = [str(getattr(k, 'key', k)) for k in path]
-    if keys[0] == 'backbone':
-      return 'backbone'
-    if keys[0] == 'head' and (
-        keys[1] == 'fpn' or keys[1].startswith('attn_fc')
-    ):
-      return 'unused'
-    return 'rest'
-
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
-def avsegformer_adamw(lr, weight_decay, frozen_steps):
-  """The reference's `torch.optim.AdamW` with a frozen backbone at first.
-
-  Adam moments and bias correction per group, as PyTorch's per-parameter
-  state: the backbone's start when it is unfrozen (optimizer step
-  `frozen_steps`); until then it gets no update, no decay and its moments
-  do not move. The unused modules never change (PyTorch skips parameters
-  without gradients). The learning rate schedule is global.
-  """
-
-  def adamw():
-    return optax.chain(
-        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-        optax.add_decayed_weights(weight_decay),
-    )
-
-  backbone = adamw()
-  if frozen_steps > 0:
-    backbone = optax.transforms.conditionally_mask(
-        backbone, lambda step: step >= frozen_steps
-    )
-  groups = optax.multi_transform(
-      {'backbone': backbone, 'rest': adamw(), 'unused': optax.set_to_zero()},
-      avsegformer_labels,
-  )
-  return optax.chain(groups, optax.scale_by_learning_rate(lr))
-
-
 def run_optimizer(config, sched):
   """`make_optimizer` for a run of `config` with the `Schedule` `sched`."""
   return make_optimizer(
@@ -127,6 +91,7 @@ def run_optimizer(config, sched):
       sched.total,
       model_name=runtime.model_name(config),
       frozen_steps=frozen_backbone_steps(config, sched.per_epoch),
+      per_epoch=-(-sched.per_epoch // config.train.accum_steps),
   )
 
 
@@ -149,18 +114,22 @@ def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
   """`(loss, (aux, new batch_stats))` of a global batch in train mode.
 
   Audio: `batch['audio']` embeddings if present (`audio.precompute`), else
-  the frozen VGGish on `batch['log_mel']`.
+  the frozen VGGish on `batch['log_mel']`. The family's `train_frames` may
+  keep each clip's first frames only; its `loss` gives the loss.
   """
-  lc = config.loss
+  family = families.get(config)
   audio = (
       batch['audio']
       if 'audio' in batch
       else runtime.audio_embeddings(vggish, audio_vars, batch['log_mel'])
   )
+  frames, n = batch['frames'], family.train_frames(config)
+  if n is not None:
+    frames, audio = frames[:, :n], audio[:, :n]
   extra = {'frame_mask': batch['frame_mask']} if 'frame_mask' in batch else {}
   out, new_stats = model.apply(
       {'params': params, 'batch_stats': state.batch_stats},
-      batch['frames'],
+      frames,
       audio,
       train=True,
       mutable=['batch_stats'],
@@ -169,52 +138,8 @@ def loss_fn(params, state, batch, audio_vars, *, model, vggish, config):
       },
       **extra,
   )
-  if lc.get('kind', 'bce') == 'avsegformer':
-    loss, aux = avsegformer_loss(out, batch, config)
-    return loss, (aux, new_stats['batch_stats'])
-  if lc.get('kind', 'bce') == 'avss':
-    loss, aux = avss_loss(out, batch, lc)
-    return loss, (aux, new_stats['batch_stats'])
-  loss, aux = losses.avs_loss(
-      out, batch['masks'], setting=config.data.setting, **avm_options(lc)
-  )
-  return loss, (aux, new_stats['batch_stats'])
-
-
-def avss_loss(out, batch, lc):
-  """`(loss, aux)` of the AVSS setting: CE over classes + AVM (`losses`)."""
-  return losses.avss_loss(
-      out, batch['labels'], batch['gt_mask'], **avm_options(lc)
-  )
-
-
-def avm_options(lc):
-  """The AVM arguments of `losses.avs_loss` / `avss_loss` from `config.loss`."""
-  return dict(
-      avm_weight=lc.avm_weight,
-      avm_stages=tuple(lc.avm_stages),
-      avm_loss=lc.avm_loss,
-      avm_closer=lc.avm_closer,
-      avm_threshold=lc.avm_threshold,
-      avm_norm=lc.avm_norm,
-      avm_pooling=lc.avm_pooling,
-  )
-
-
-def avsegformer_loss(out, batch, config):
-  """`(loss, {'iou', 'mix'})` of AVSegFormer (`avsegformer_losses`): binary
-  masks (S4/MS3), or AVSS's class labels on its labelled frames."""
-  lc, setting = config.loss, config.data.setting
-  avss = setting == 'avss'
-  return avsegformer_losses.avsegformer_loss(
-      out,
-      batch['labels'] if avss else batch['masks'],
-      setting=setting,
-      loss_type=lc.get('loss_type', 'dice'),
-      iou_weight=lc.iou_weight,
-      mix_weight=lc.mix_weight,
-      labelled=batch['gt_mask'] if avss else None,
-  )
+  loss, aux = family.loss(out, batch, config)
+  return loss, (aux, new_stats.get('batch_stats', {}))
 
 
 def loss_and_grads(state, batch, audio_vars, *, model, vggish, config):
@@ -244,8 +169,8 @@ def train_step(state, batch, audio_vars, *, model, vggish, optimizer, config):
       batch_stats=batch_stats,
       opt_state=opt_state,
   )
-  # aux: 'bce' and 'avm' (S4/MS3), 'ce' and 'avm' (AVSS), 'iou' and 'mix'
-  # (AVSegFormer)
+  # aux: the family's terms, e.g. 'bce' and 'avm' (S4/MS3), 'ce' and 'avm'
+  # (AVSS), 'iou' and 'mix' (AVSegFormer)
   return new_state, dict(loss=loss, **aux, grad_norm=optax.tree.norm(grads))
 
 

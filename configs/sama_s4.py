@@ -9,8 +9,9 @@ SAM's ViT frozen but its audio prompt generator, mask decoder and
 (the reference's rank 0 trains alone: `train_avs.py:174` unwraps DDP).
 docs/SAMA.md cites each choice.
 
-Not yet trainable through run.py: `avs_jax/runtime.py` and `avs_jax/train.py`
-do not know `model.name='sama'` (docs/SAMA.md, "State").
+  python run.py --config=configs/sama_s4.py:vit_h --workdir=workdirs/sama_s4 \
+      --config.train.init_backbone=sam_vit_h_4b8939.pth \
+      --config.audio.vggish_checkpoint=vggish-10086976.pth
 """
 
 import ml_collections
@@ -40,7 +41,8 @@ def sama_config(setting, arg):
   c.train.schedule = 'cosine_per_epoch'  # CosineAnnealingLR, eta_min 1e-7
   c.train.lr_min = 1e-7
   c.train.weight_decay = 0.01  # torch.optim.AdamW's default
-  c.train.init_sam = ''  # SAM's released checkpoint (sam_vit_h_4b8939.pth)
+  c.train.init_backbone = ''  # SAM's release, e.g. sam_vit_h_4b8939.pth
+  c.train.freeze = True  # SAM's ViT frozen but the audio prompt generator
   c.loss = ml_collections.ConfigDict(dict(kind='sama', loss='iou'))
   c.eval.batch_size = 1
   return c

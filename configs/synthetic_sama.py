@@ -4,7 +4,7 @@ zero-padded, blocks 1 and 3 global) from scratch at 64 px, the mask decoder
 at 64-d. From scratch nothing is
 frozen: the frozen/trainable split is SAM's, meant for SAM's pretrained ViT.
 
-Not yet trainable through run.py (docs/SAMA.md, "State").
+  python run.py --config=configs/synthetic_sama.py --workdir=workdirs/synthetic_sama
 """
 
 from configs import sama_s4

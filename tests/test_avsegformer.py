@@ -21,10 +21,10 @@ import pytest
 
 import procs
 
-from avs_jax import avsegformer_convert as ac
-from avs_jax import avsegformer_losses as al
-from avs_jax.models import avsegformer
-from avs_jax.models.deform_attn import ms_deform_attn_core
+from avs_jax.projects.avsegformer import convert as ac
+from avs_jax.projects.avsegformer import losses as al
+from avs_jax.projects.avsegformer import model as avsegformer
+from avs_jax.projects.avsegformer.deform_attn import ms_deform_attn_core
 from golden_weights import rebuild_state_dict
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'data', 'golden_avsegformer')

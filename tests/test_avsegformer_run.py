@@ -12,6 +12,7 @@ import pytest
 import procs
 from avs_jax import runtime
 from avs_jax import train
+from avs_jax.projects.avsegformer import family as avsegformer_family
 from configs import synthetic_avsegformer
 
 TINY = {
@@ -121,7 +122,7 @@ def test_frozen_backbone_then_trained():
   assert _subtree_changed(p[2]['backbone'], p[3]['backbone'])
   for unused in ('fpn', 'attn_fc_0', 'attn_fc_2', 'attn_fc_4'):
     assert not _subtree_changed(p[0]['head'][unused], p[3]['head'][unused])
-  labels = train.avsegformer_labels(p[0])['head']
+  labels = avsegformer_family.param_labels(p[0])['head']
   assert labels['fc_0']['kernel'] == 'rest'
   assert labels['attn_fc_0']['kernel'] == 'unused'
 

@@ -20,10 +20,12 @@ import numpy as np
 import optax
 import pytest
 
+from avs_jax import train
 from avs_jax.projects.sama import convert
 from avs_jax.projects.sama import losses
 from avs_jax.projects.sama import model as sama
 from avs_jax.projects.sama import train_mask
+from configs import sama_s4
 from golden_weights import rebuild_state_dict
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'data', 'golden_sama')
@@ -220,7 +222,10 @@ def test_trainable_mask_is_the_reference_set():
 def test_masked_optimizer_moves_only_trainable_leaves():
   d = load()
   params = golden_variables(d)['params']
-  tx = train_mask.reference_optimizer(params, steps_per_epoch=10)
+  # The reference's AdamW + per-epoch cosine, as run.py builds it.
+  tx, _ = train.make_optimizer(
+      sama_s4.get_config().train, 800, model_name='sama', per_epoch=10
+  )
   grads = jax.tree_util.tree_map(np.ones_like, params)
   step = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))
   updates, _ = step(grads, params)

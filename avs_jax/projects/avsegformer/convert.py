@@ -5,7 +5,7 @@ state dict of the reference `AVSegFormer` module: `backbone.*` (the ResNet
 with its unused second branch `layer3_2`/`layer4_2`, or PVT-v2),
 `vggish.*` (the frozen VGGish, not part of our model: split off and
 converted by `vggish_variables`), `audio_proj.*` and `head.*`. Keys map by
-name onto `avs_jax.models.avsegformer` with the generic rules of the
+name onto `avs_jax.projects.avsegformer.model` with the generic rules of the
 project's PyTorch mapping, plus three renames:
 
   head.in_proj.{i}.{j}.*               <-> params/head/in_proj_{i}_{j}/*
@@ -57,7 +57,7 @@ def _to_reference(key: str) -> str:
 
 def model_shapes(model_config) -> Dict[Tuple[str, ...], Any]:
   """Flattened `{path: ShapeDtypeStruct}` of AVSegFormer's variables."""
-  from avs_jax.models import avsegformer  # pylint: disable=g-import-not-at-top
+  from avs_jax.projects.avsegformer import model as avsegformer  # pylint: disable=g-import-not-at-top
 
   return dict(_shapes(avsegformer.build_model(model_config)))
 

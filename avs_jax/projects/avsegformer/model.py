@@ -15,7 +15,7 @@ Every frame is segmented on its own with its own second of audio:
   logits: fc(mask_feature + MLP(queries . mask_feature)), 4x upsampled.
 
 Module names mirror the reference so that its checkpoints convert by name
-(`avs_jax.avsegformer_convert`). Layout NHWC, clips `[B, T, H, W, 3]` with
+(`avs_jax.projects.avsegformer.convert`). Layout NHWC, clips `[B, T, H, W, 3]` with
 audio embeddings `[B, T, 128]` (VGGish outputs), as `AVSModel`.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from avs_jax.models import pvt
 from avs_jax.models import resnet
-from avs_jax.models.deform_attn import MSDeformAttn
+from avs_jax.projects.avsegformer.deform_attn import MSDeformAttn
 from avs_jax.models.layers import Dtype, conv, resize_bilinear
 
 XAVIER = nn.initializers.xavier_uniform()

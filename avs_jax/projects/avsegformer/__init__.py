@@ -1,0 +1,1 @@
+"""AVSegFormer: transformer decoder with audio queries (docs/AVSEGFORMER.md)."""
