@@ -452,7 +452,7 @@ def compile_report(config, topology, max_compiles=3, eval_step=True):
       'chip_peak_bf16_tflops': sl.chip.peak_tflops,
       'chip_hbm_gb_per_s': sl.chip.hbm_gb_per_s,
       'model': runtime.model_name(config),
-      'backbone': config.model.backbone,
+      'backbone': config.model.get('backbone') or config.model.get('encoder'),
       'setting': config.data.setting,
       'image_size': config.data.image_size,
       'dtype': tc.dtype,

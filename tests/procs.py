@@ -107,3 +107,37 @@ def run_config(config, cache, *args):
       timeout=TIMEOUT,
       check=False,
   )
+
+
+def video(path):
+  """A 2 s test video with a 440 Hz tone at `path`; returns the path."""
+  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+
+  ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+  subprocess.run(
+      [
+          ffmpeg,
+          '-v',
+          'error',
+          '-y',
+          '-f',
+          'lavfi',
+          '-i',
+          'testsrc=size=64x48:rate=10',
+          '-f',
+          'lavfi',
+          '-i',
+          'sine=frequency=440:sample_rate=16000',
+          '-t',
+          '2',
+          '-pix_fmt',
+          'yuv420p',
+          '-c:v',
+          'libx264',
+          '-c:a',
+          'aac',
+          str(path),
+      ],
+      check=True,
+  )
+  return str(path)

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import imageio_ffmpeg
 import jax
 import jax.numpy as jnp
 import pytest
@@ -45,37 +44,6 @@ def small_checkpoint(tmp_path_factory):
   return path
 
 
-def video(path):
-  ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
-  subprocess.run(
-      [
-          ffmpeg,
-          '-v',
-          'error',
-          '-y',
-          '-f',
-          'lavfi',
-          '-i',
-          'testsrc=size=64x48:rate=10',
-          '-f',
-          'lavfi',
-          '-i',
-          'sine=frequency=440:sample_rate=16000',
-          '-t',
-          '2',
-          '-pix_fmt',
-          'yuv420p',
-          '-c:v',
-          'libx264',
-          '-c:a',
-          'aac',
-          str(path),
-      ],
-      check=True,
-  )
-  return str(path)
-
-
 def mistakes(tmp_path, small_checkpoint):
   # A workdir that cannot be made, for root too: its parent is a file.
   (tmp_path / 'a_file').write_text('')
@@ -103,7 +71,7 @@ def mistakes(tmp_path, small_checkpoint):
           base
           + [
               '--mode=predict',
-              f'--config.predict.video={video(tmp_path / "v.mp4")}',
+              f'--config.predict.video={procs.video(tmp_path / "v.mp4")}',
               f'--config.predict.restore={small_checkpoint}',
           ],
           'does not fit the model',

@@ -52,12 +52,17 @@ def check(config):
 
 
 def loss(out, batch, config):
-  """The reference's `loss.loss` (`iou`: BCE + soft IoU) on the frames the
-  model saw (S4: each clip's first)."""
+  """The reference's `loss.loss` on the frames the model saw (S4: each
+  clip's first): `(loss, its terms)`, `{'bce', 'iou'}` for `iou` (BCE + soft
+  IoU, the recipe), `{'bce'}` or `{'bbce'}` alone."""
   logits = out['logits']
-  masks = batch['masks'][:, : logits.shape[1]]
-  value = losses.sama_loss(logits, masks, config.loss.get('loss', 'iou'))
-  return value, {config.loss.get('loss', 'iou'): value}
+  masks = batch['masks'][:, : logits.shape[1]].astype(logits.dtype)
+  kind = config.loss.get('loss', 'iou')
+  if kind == 'iou':
+    terms = {'bce': losses.bce(logits, masks), 'iou': losses.iou(logits, masks)}
+  else:
+    terms = {kind: losses.sama_loss(logits, masks, kind)}
+  return sum(terms.values()), terms
 
 
 def optimizer(tc, lr, frozen_steps=0):
