@@ -31,6 +31,9 @@ def sama_config(setting, arg):
           window_size=14,
           prompt_embed_dim=256,
           attention='dot_product',  # 'dot_product' | 'einsum'
+          # Global blocks: queries in chunks of 16 of the 64 token rows, so
+          # their [4096, 4096] logits and bias are never whole (exact).
+          attention_rows=16,
       )
   )
   c.data.setting = setting

@@ -81,10 +81,12 @@ def golden_variables(d):
 
 
 @functools.lru_cache(maxsize=None)
-def forward(attention):
+def forward(attention, rows=0):
+  """Our forward on the fixture; `rows`: `model.attention_rows` (the global
+  blocks' 6 token rows in chunks of `rows`)."""
   d = load()
   cfg = ml_collections.ConfigDict(d['mcfg'].to_dict())
-  cfg.attention = attention
+  cfg.attention, cfg.attention_rows = attention, rows
   out = jax.jit(sama.build_model(cfg).apply)(
       golden_variables(d), d['x_frames'], d['x_audio']
   )
@@ -105,10 +107,14 @@ def to_torch_layout(out):
   )
 
 
-@pytest.mark.parametrize('attention', ['einsum', 'dot_product'])
-def test_forward_matches_reference(attention):
+@pytest.mark.parametrize(
+    'attention,rows', [('einsum', 0), ('dot_product', 0), ('dot_product', 2)]
+)
+def test_forward_matches_reference(attention, rows):
+  """Both attention paths; and the queries of the global blocks in chunks
+  of 2 token rows (3 chunks), as the 1024 px recipes run them."""
   d = load()
-  ours = to_torch_layout(forward(attention))
+  ours = to_torch_layout(forward(attention, rows))
   for k in ('image_embedding', 'low_res_logits', 'logits', 'iou_pred'):
     assert ours[k].shape == d[k].shape, k
     assert rel(ours[k], d[k]) < FWD_TOL, (k, rel(ours[k], d[k]))
@@ -159,10 +165,14 @@ def torch_layout(params, key):
 @pytest.fixture(scope='module')
 def grads64():
   """Our loss and gradients in float64 (remat on: its recomputation is in
-  the gradient), the reference's trainable split."""
+  the gradient; the global blocks' queries in chunks of 3 token rows, as the
+  1024 px recipes: the chunks' recomputation too), the reference's
+  trainable split."""
   d = load()
   with jax.enable_x64(True):
-    model = sama.build_model(d['mcfg'], dtype=jnp.float64, remat=True)
+    cfg = ml_collections.ConfigDict(d['mcfg'].to_dict())
+    cfg.attention_rows = 3
+    model = sama.build_model(cfg, dtype=jnp.float64, remat=True)
     cast = lambda x: jnp.asarray(x, jnp.float64)
     params = jax.tree_util.tree_map(cast, golden_variables(d)['params'])
 

@@ -98,7 +98,14 @@ def _rel_index(size):
 
 
 class Attention(nn.Module):
-  """ViT attention with decomposed relative positions, on `[N, H, W, C]`."""
+  """ViT attention with decomposed relative positions, on `[N, H, W, C]`.
+
+  `query_rows > 0` (and dividing H): the queries go through in chunks of
+  that many token rows (`lax.map`, each chunk rematerialised in the
+  backward pass), so that the `[L, L]` logits and relative-position bias of
+  a global block (L = 4,096 at 1024 px) are never whole in memory; the
+  softmax is still over every key, so the result is the same.
+  """
 
   dim: int
   num_heads: int
@@ -106,6 +113,7 @@ class Attention(nn.Module):
   use_rel_pos: bool = True
   impl: str = 'dot_product'
   dtype: Dtype = jnp.float32
+  query_rows: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -113,23 +121,39 @@ class Attention(nn.Module):
     m, d = self.num_heads, self.dim // self.num_heads
     qkv = _dense(3 * self.dim, self.dtype, 'qkv')(x)
     q, k, v = jnp.moveaxis(qkv.reshape(n, h * w, 3, m, d), 2, 0)
-    bias = None
-    if self.use_rel_pos:
-      zeros = nn.initializers.zeros
-      th = self.param('rel_pos_h', zeros, (2 * self.input_size[0] - 1, d))
-      tw = self.param('rel_pos_w', zeros, (2 * self.input_size[1] - 1, d))
-      if (h, w) != tuple(self.input_size):
-        raise ValueError(
-            f'tokens {h}x{w} do not fit rel-pos tables for {self.input_size}'
-        )
-      rh = th.astype(self.dtype)[_rel_index(h)]  # [h, h, d]
-      rw = tw.astype(self.dtype)[_rel_index(w)]  # [w, w, d]
-      rq = q.reshape(n, h, w, m, d)
+    if not self.use_rel_pos:
+      out = attention(q, k, v, None, self.impl)
+      return _dense(self.dim, self.dtype, 'proj')(out.reshape(n, h, w, -1))
+    zeros = nn.initializers.zeros
+    th = self.param('rel_pos_h', zeros, (2 * self.input_size[0] - 1, d))
+    tw = self.param('rel_pos_w', zeros, (2 * self.input_size[1] - 1, d))
+    if (h, w) != tuple(self.input_size):
+      raise ValueError(
+          f'tokens {h}x{w} do not fit rel-pos tables for {self.input_size}'
+      )
+    rh = th.astype(self.dtype)[_rel_index(h)]  # [h, h, d]
+    rw = tw.astype(self.dtype)[_rel_index(w)]  # [w, w, d]
+
+    def rows(rq, rh):
+      """Query rows `rq [N, r, W, heads, d]`, their `rh [r, H, d]` ->
+      `[N, r * W, heads, d]`."""
+      r = rq.shape[1]
       bh = jnp.einsum('nhwmc,hkc->nmhwk', rq, rh)
       bw = jnp.einsum('nhwmc,wkc->nmhwk', rq, rw)
-      bias = (bh[..., :, None] + bw[..., None, :]).reshape(n, m, h * w, h * w)
-    out = attention(q, k, v, bias, self.impl).reshape(n, h, w, self.dim)
-    return _dense(self.dim, self.dtype, 'proj')(out)
+      bias = (bh[..., :, None] + bw[..., None, :]).reshape(n, m, r * w, h * w)
+      return attention(rq.reshape(n, r * w, m, d), k, v, bias, self.impl)
+
+    rq, c = q.reshape(n, h, w, m, d), self.query_rows
+    if 0 < c < h and h % c == 0:
+      chunks = (
+          jnp.moveaxis(rq.reshape(n, h // c, c, w, m, d), 1, 0),
+          rh.reshape(h // c, c, h, d),
+      )
+      out = jax.lax.map(lambda a: jax.checkpoint(rows)(*a), chunks)
+      out = jnp.moveaxis(out, 0, 1)
+    else:
+      out = rows(rq, rh)
+    return _dense(self.dim, self.dtype, 'proj')(out.reshape(n, h, w, self.dim))
 
 
 def window_partition(x, size):
@@ -179,6 +203,7 @@ class Block(nn.Module):
   use_rel_pos: bool = True
   impl: str = 'dot_product'
   dtype: Dtype = jnp.float32
+  query_rows: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -195,6 +220,7 @@ class Block(nn.Module):
         self.use_rel_pos,
         self.impl,
         self.dtype,
+        query_rows=self.query_rows,
         name='attn',
     )(x)
     if ws:
@@ -265,6 +291,7 @@ class ImageEncoderViT(nn.Module):
   impl: str = 'dot_product'
   remat: bool = False
   dtype: Dtype = jnp.float32
+  query_rows: int = 0  # Attention's chunking of global blocks (0: none)
 
   @nn.compact
   def __call__(self, x, audio):
@@ -296,6 +323,7 @@ class ImageEncoderViT(nn.Module):
           (s, s),
           impl=self.impl,
           dtype=self.dtype,
+          query_rows=self.query_rows,
           name=f'blocks_{i}',
       )(x)
     x = conv(
@@ -520,6 +548,7 @@ class SAMA(nn.Module):
   global_attn: Sequence[int] = ()
   prompt_embed_dim: int = 256
   attention: str = 'dot_product'
+  attention_rows: int = 0  # query token rows per chunk in global attention
   remat: bool = False
   dtype: Dtype = jnp.float32
 
@@ -557,6 +586,7 @@ class SAMA(nn.Module):
         impl=self.attention,
         remat=self.remat,
         dtype=d,
+        query_rows=self.attention_rows,
         name='image_encoder',
         **self.encoder_spec(),
     )(
@@ -596,6 +626,7 @@ def build_model(model_config, *, dtype=jnp.float32, remat=False) -> SAMA:
       global_attn=tuple(model_config.get('global_attn', ())),
       prompt_embed_dim=model_config.get('prompt_embed_dim', 256),
       attention=model_config.get('attention', 'dot_product'),
+      attention_rows=model_config.get('attention_rows', 0),
       remat=remat,
       dtype=dtype,
   )
