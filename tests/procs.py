@@ -109,35 +109,31 @@ def run_config(config, cache, *args):
   )
 
 
-def video(path):
-  """A 2 s test video with a 440 Hz tone at `path`; returns the path."""
+def video(path, seconds=2, audio=True, size='64x48', rate=10, audio_s=None):
+  """A test video at `path` (ffmpeg's test pattern; a 440 Hz tone, cut at
+  `audio_s` s if given); returns the path as a string."""
   import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
 
-  ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
-  subprocess.run(
-      [
-          ffmpeg,
-          '-v',
-          'error',
-          '-y',
-          '-f',
-          'lavfi',
-          '-i',
-          'testsrc=size=64x48:rate=10',
-          '-f',
-          'lavfi',
-          '-i',
-          'sine=frequency=440:sample_rate=16000',
-          '-t',
-          '2',
-          '-pix_fmt',
-          'yuv420p',
-          '-c:v',
-          'libx264',
-          '-c:a',
-          'aac',
-          str(path),
-      ],
-      check=True,
-  )
+  cmd = [
+      imageio_ffmpeg.get_ffmpeg_exe(),
+      '-v',
+      'error',
+      '-y',
+      '-f',
+      'lavfi',
+      '-i',
+      f'testsrc=size={size}:rate={rate}',
+  ]
+  if audio:
+    cmd += [
+        '-f',
+        'lavfi',
+        '-i',
+        'sine=frequency=440:sample_rate=16000'
+        + (f':duration={audio_s}' if audio_s else ''),
+    ]
+  cmd += ['-t', str(seconds), '-pix_fmt', 'yuv420p', '-c:v', 'libx264']
+  if audio:
+    cmd += ['-c:a', 'aac']
+  subprocess.run(cmd + [str(path)], check=True)
   return str(path)

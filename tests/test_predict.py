@@ -1,7 +1,6 @@
 """`run.py --mode predict` on short generated videos (ffmpeg from imageio-ffmpeg)."""
 
 import os
-import subprocess
 
 import cv2
 import imageio_ffmpeg
@@ -11,38 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import procs
 from avs_jax import checkpoint as ckpt_lib
 from avs_jax import predict
 from avs_jax.models import build_model
 from configs import synthetic
 
-FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def _video(path, seconds, audio=True, size='64x48', rate=10, audio_s=None):
-  cmd = [
-      FFMPEG,
-      '-v',
-      'error',
-      '-y',
-      '-f',
-      'lavfi',
-      '-i',
-      f'testsrc=size={size}:rate={rate}',
-  ]
-  if audio:
-    cmd += [
-        '-f',
-        'lavfi',
-        '-i',
-        'sine=frequency=440:sample_rate=16000'
-        + (f':duration={audio_s}' if audio_s else ''),
-    ]
-  cmd += ['-t', str(seconds), '-pix_fmt', 'yuv420p', '-c:v', 'libx264']
-  if audio:
-    cmd += ['-c:a', 'aac']
-  subprocess.run(cmd + [path], check=True)
-  return path
+_video = procs.video
 
 
 @pytest.fixture(scope='module')
