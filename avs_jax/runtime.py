@@ -31,11 +31,7 @@ from avs_jax import families
 from avs_jax import torch_weights
 from avs_jax import utils
 from avs_jax.data import records
-from avs_jax.projects.avsegformer import model as avsegformer
-from avs_jax.models import build_model
 from avs_jax.models import build_vggish
-from avs_jax.models import pvt
-from avs_jax.models import resnet
 
 # Batch entries that go to the devices (the rest, e.g. clip ids, stay home).
 DEVICE_KEYS = ('frames', 'log_mel', 'audio', 'masks', 'valid')

@@ -24,7 +24,6 @@ from avs_jax import checkpoint as ckpt_lib
 from avs_jax import data as data_lib
 from avs_jax import evaluate
 from avs_jax import families
-from avs_jax import losses
 from avs_jax import runtime
 from avs_jax import utils
 
